@@ -1,0 +1,41 @@
+"""regdiscover: unsupervised object discovery with register-aware ViT features.
+
+Find the main object of an image with LOST (or TokenCut) on the patch features of a
+self-supervised Vision Transformer, without labels::
+
+    >>> import numpy as np
+    >>> from discover import Discoverer
+    >>> disc = Discoverer("vit_small_patch14_reg4_dinov2", pretrained=False)  # random init
+    >>> image = np.zeros((224, 224, 3), dtype=np.uint8)
+    >>> image[60:160, 80:180] = (200, 30, 30)
+    >>> detections = disc(image)
+    >>> len(detections)
+    1
+    >>> x0, y0, x1, y1 = detections[0].box  # pixels of the original image
+
+With real weights use ``Discoverer()`` (DINOv2 ViT-S/14 with registers from the hub) or
+``Discoverer("vit_small_patch14_dinov2.imgfocus")`` (offline, see the README), and the
+one-shot ``discover(path)`` for a single image.
+"""
+
+from discover.backbone import DEFAULT_MODEL, OFFLINE_MODEL, Backbone, Features
+from discover.errors import DatasetError, ImageError, RegdiscoverError, WeightsError
+from discover.pipeline import Detection, Discoverer, ImageResult, discover
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "OFFLINE_MODEL",
+    "Backbone",
+    "DatasetError",
+    "Detection",
+    "Discoverer",
+    "Features",
+    "ImageError",
+    "ImageResult",
+    "RegdiscoverError",
+    "WeightsError",
+    "__version__",
+    "discover",
+]

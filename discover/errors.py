@@ -1,0 +1,23 @@
+"""Exceptions raised by regdiscover.
+
+Every error the package raises on purpose derives from :class:`RegdiscoverError`, so a
+caller (the CLI in particular) can catch them all and print one clear line.
+"""
+
+from __future__ import annotations
+
+
+class RegdiscoverError(Exception):
+    """Base class of every error raised on purpose by regdiscover."""
+
+
+class WeightsError(RegdiscoverError):
+    """Model weights are missing, unreadable or do not match the expected architecture."""
+
+
+class DatasetError(RegdiscoverError):
+    """A dataset is missing, malformed or inconsistent."""
+
+
+class ImageError(RegdiscoverError):
+    """An image cannot be read or has an unusable shape."""

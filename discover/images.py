@@ -1,0 +1,220 @@
+"""Read one image file into an upright RGB ``uint8`` array, or fail with a clear reason.
+
+This is the first step of the pipeline (image -> features -> graph -> box). Pillow
+decodes: it raises on truncated files (where OpenCV silently returns a grey-filled
+image), and it understands EXIF orientation, palette, CMYK, 16-bit and alpha modes.
+
+Conventions:
+
+- EXIF orientation is applied, so every box refers to the upright image.
+- Grayscale, palette and CMYK become RGB; 16-bit images are scaled to 8 bits
+  (``v / 257``); float images are min-max scaled.
+- Alpha is composited over white.
+- Images above ``max_pixels`` are refused (decompression-bomb guard) unless a
+  ``max_side`` is given, in which case JPEGs are decoded at a reduced scale
+  (``draft``) and everything is downscaled on read: the returned
+  :class:`LoadedImage` keeps the original upright size so boxes can be mapped back.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from discover.errors import ImageError
+
+SUPPORTED_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+DEFAULT_MAX_PIXELS = 100_000_000
+"""Default decompression-bomb guard: 100 megapixels (e.g. 10000 x 10000)."""
+HARD_MAX_PIXELS = 1_500_000_000
+"""Refused even with ``max_side``: decoding would need several GB."""
+
+_ORIENTATION_SWAPS = {5, 6, 7, 8}
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedImage:
+    """An upright RGB image and the size of the original (upright) picture."""
+
+    array: np.ndarray
+    """``uint8 [H, W, 3]``, possibly downscaled from the original."""
+    original_size: tuple[int, int]
+    """``(width, height)`` of the upright original, in pixels."""
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """``(width, height)`` of :attr:`array`."""
+        return int(self.array.shape[1]), int(self.array.shape[0])
+
+
+def is_image_file(path: str | os.PathLike[str]) -> bool:
+    """True when the path's extension is one we read (case-insensitive)."""
+    return Path(path).suffix.lower() in SUPPORTED_EXTENSIONS
+
+
+def read_image(
+    path: str | os.PathLike[str],
+    *,
+    max_side: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> LoadedImage:
+    """Read ``path`` into an upright RGB uint8 array.
+
+    Args:
+        path: the image file.
+        max_side: if given, the image is downscaled on read so its longer side is
+            at most this many pixels (cheap for huge JPEGs thanks to ``draft``).
+        max_pixels: decompression-bomb guard used when ``max_side`` is None.
+
+    Raises:
+        ImageError: with a one-line reason (missing file, empty file, not an image,
+            truncated, too large, permission denied, ...).
+    """
+    p = Path(path)
+    if p.is_symlink() and not p.exists():
+        raise ImageError(f"broken symbolic link -> {os.readlink(p)}")
+    if not p.exists():
+        raise ImageError("file not found")
+    if p.is_dir():
+        raise ImageError("is a directory, not an image")
+    try:
+        size = p.stat().st_size
+    except OSError as e:
+        raise ImageError(f"cannot stat file: {e.strerror or e}") from None
+    if size == 0:
+        raise ImageError("empty file (0 bytes)")
+    try:
+        with open(p, "rb") as f:
+            return _decode(f, max_side=max_side, max_pixels=max_pixels)
+    except PermissionError:
+        raise ImageError("permission denied") from None
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError("not a readable image (unknown or corrupt format)") from None
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"too large: {e}") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        msg = str(e) or type(e).__name__
+        if "truncated" in msg.lower():
+            msg = "truncated image file"
+        raise ImageError(f"cannot decode image: {msg}") from None
+
+
+def to_rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
+    """Convert a PIL image or an array (HxW, HxWx1/3/4, uint8/uint16/float) to RGB uint8.
+
+    PIL images get their EXIF orientation applied. Arrays are taken as RGB(A).
+    """
+    if isinstance(image, Image.Image):
+        image = ImageOps.exif_transpose(image)
+        return _pil_to_rgb(image)
+    arr = np.asarray(image)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
+        raise ImageError(f"expected an HxW, HxWx3 or HxWx4 array, got shape {arr.shape}")
+    arr = _to_uint8(arr)
+    if arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    elif arr.shape[2] == 4:
+        arr = _composite_white(arr[:, :, :3], arr[:, :, 3])
+    return np.ascontiguousarray(arr)
+
+
+def _decode(fileobj, *, max_side: int | None, max_pixels: int) -> LoadedImage:
+    with warnings.catch_warnings():
+        # We apply our own guard below; silence PIL's generic bomb warning.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            img = Image.open(fileobj)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+        w, h = img.size
+        if w < 1 or h < 1:
+            raise ImageError(f"invalid image size {w}x{h}")
+        pixels = w * h
+        if pixels > HARD_MAX_PIXELS or (max_side is None and pixels > max_pixels):
+            hint = "" if max_side is not None else "; pass --max-size to downscale it"
+            raise ImageError(
+                f"too large: {w}x{h} = {pixels / 1e6:.0f} MP exceeds the "
+                f"{(max_pixels if max_side is None else HARD_MAX_PIXELS) / 1e6:.0f} MP "
+                f"decompression-bomb guard{hint}"
+            )
+        orientation = _orientation(img)
+        original = (h, w) if orientation in _ORIENTATION_SWAPS else (w, h)
+        if max_side is not None and max(w, h) > max_side and img.format == "JPEG":
+            # Decode at 1/2, 1/4 or 1/8 scale straight from the DCT: fast and small.
+            scale = max_side / max(w, h)
+            img.draft("RGB", (max(1, int(w * scale)), max(1, int(h * scale))))
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        arr = _pil_to_rgb(img)
+    if max_side is not None and max(arr.shape[:2]) > max_side:
+        arr = resize_longer_side(arr, max_side)
+    return LoadedImage(arr, (int(original[0]), int(original[1])))
+
+
+def resize_longer_side(arr: np.ndarray, max_side: int) -> np.ndarray:
+    """Downscale so the longer side is ``max_side`` (area interpolation, aspect kept)."""
+    h, w = arr.shape[:2]
+    s = max_side / max(h, w)
+    if s >= 1:
+        return arr
+    size = (max(1, round(w * s)), max(1, round(h * s)))
+    return cv2.resize(arr, size, interpolation=cv2.INTER_AREA)
+
+
+def _orientation(img: Image.Image) -> int:
+    try:
+        return int(img.getexif().get(0x0112, 1) or 1)
+    except Exception:  # malformed EXIF: treat as upright
+        return 1
+
+
+def _pil_to_rgb(img: Image.Image) -> np.ndarray:
+    mode = img.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        arr = _to_uint8(np.asarray(img))
+        return np.ascontiguousarray(np.repeat(arr[:, :, None], 3, axis=2))
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info):
+        rgba = np.asarray(img.convert("RGBA"))
+        return _composite_white(rgba[:, :, :3], rgba[:, :, 3])
+    if mode != "RGB":
+        img = img.convert("RGB")
+    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
+
+
+def _to_uint8(arr: np.ndarray) -> np.ndarray:
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == bool:
+        return arr.astype(np.uint8) * 255
+    if np.issubdtype(arr.dtype, np.integer):
+        # 16-bit data (PIL exposes 16-bit PNGs as I;16 or 32-bit I).
+        return np.clip(np.rint(arr.astype(np.float64) / 257.0), 0, 255).astype(np.uint8)
+    arr = arr.astype(np.float64)
+    finite = np.isfinite(arr)
+    if not finite.any():
+        raise ImageError("image has no finite pixel values")
+    lo, hi = float(arr[finite].min()), float(arr[finite].max())
+    if lo >= 0.0 and hi <= 1.0:
+        scaled = arr
+    else:
+        scaled = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+    scaled = np.where(finite, scaled, 0.0)
+    return np.clip(np.rint(scaled * 255.0), 0, 255).astype(np.uint8)
+
+
+def _composite_white(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    a = alpha.astype(np.float32)[:, :, None] / 255.0
+    out = rgb.astype(np.float32) * a + 255.0 * (1.0 - a)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)

