@@ -1,0 +1,445 @@
+"""The ``discover`` command line: a thin typer shell over the library.
+
+discover boxes PATH... [--out results.jsonl] [--viz DIR] ...   box images
+discover eval --dataset voc07 --root PATH --out DIR ...        CorLoc on a benchmark
+discover inspect PATH... --out DIR [--compare MODEL]            token norms, attention
+discover models                                                 supported models
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    SpinnerColumn,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from discover.backbone import DEFAULT_MODEL, FEATURE_KINDS, PRECISIONS, list_models
+from discover.errors import RegdiscoverError
+from discover.outputs import FORMATS
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Unsupervised object discovery (LOST, TokenCut) with register-aware ViT features.",
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+
+
+class UsageFailure(Exception):
+    """A user error reported as one line with exit code 2."""
+
+
+class RateColumn(ProgressColumn):
+    """Images per second."""
+
+    def render(self, task) -> Text:  # noqa: ANN001 - rich's Task
+        speed = task.finished_speed or task.speed
+        return Text("-- img/s" if not speed else f"{speed:.2f} img/s", style="cyan")
+
+
+def progress_bar() -> Progress:
+    """The progress bar used by long commands (stderr, images/s and ETA)."""
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        RateColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}"),
+        console=err,
+        transient=False,
+    )
+
+
+# -- shared options ----------------------------------------------------------------------
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="timm model name (discover models).")]
+CheckpointOpt = Annotated[
+    Path | None, typer.Option("--checkpoint", help="Local weights file (offline).")
+]
+FeaturesOpt = Annotated[
+    str, typer.Option("--features", help=f"Features: {', '.join(FEATURE_KINDS)}.")
+]
+MethodOpt = Annotated[str, typer.Option("--method", help="Discovery method: lost or tokencut.")]
+KPatchesOpt = Annotated[int, typer.Option("--k-patches", help="LOST: seed expansion size.")]
+GramBiasOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--gram-bias",
+        help="LOST: bias added to the gram matrix: a number, 'pNN' (minus the NN-th "
+        "percentile of the similarities) or 'auto' (the model's calibrated default).",
+    ),
+]
+CenterOpt = Annotated[
+    bool | None,
+    typer.Option("--center/--no-center", help="LOST: subtract the mean feature (default: auto)."),
+]
+TauOpt = Annotated[float, typer.Option("--tau", help="TokenCut: similarity threshold.")]
+MaxObjOpt = Annotated[int, typer.Option("--max-objects", help="Objects per image.")]
+MinScoreOpt = Annotated[
+    float | None, typer.Option("--min-score", help="Drop objects scoring below this.")
+]
+MaxSizeOpt = Annotated[
+    int | None, typer.Option("--max-size", help="Resize so the longer side is <= S pixels.")
+]
+BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", help="Images per forward pass.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N.")]
+PrecisionOpt = Annotated[
+    str, typer.Option("--precision", help=f"Precision: {', '.join(PRECISIONS)}.")
+]
+ThreadsOpt = Annotated[
+    int | None, typer.Option("--threads", help="CPU threads for torch (default: torch's).")
+]
+WorkersOpt = Annotated[int, typer.Option("--workers", help="Image-decoding threads.")]
+TTROpt = Annotated[
+    str | None,
+    typer.Option(
+        "--test-time-registers",
+        help="Add a test-time register to a model without registers: 'auto' or a neuron JSON.",
+    ),
+]
+
+
+def _method_params(
+    method: str, k_patches: int, gram_bias: str | None, center: bool | None, tau: float
+) -> dict:
+    if method == "lost":
+        params: dict = {"k_patches": k_patches}
+        if gram_bias is not None and gram_bias != "auto":
+            params["gram_bias"] = _parse_bias(gram_bias)
+        if center is not None:
+            params["center"] = center
+        return params
+    if method == "tokencut":
+        return {"tau": tau}
+    return {}
+
+
+def _parse_bias(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        if text.startswith("p"):
+            return text
+        raise UsageFailure(f"--gram-bias must be a number, 'pNN' or 'auto', got {text!r}") from None
+
+
+def _setup_threads(threads: int | None) -> None:
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+
+
+# -- commands ----------------------------------------------------------------------------
+@app.command()
+def boxes(
+    paths: Annotated[
+        list[Path], typer.Argument(help="Image files or folders.", show_default=False)
+    ],
+    out_path: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", "-o", help="Output file (folder for --format voc). Default: results.<fmt>."
+        ),
+    ] = None,
+    fmt: Annotated[str, typer.Option("--format", help=f"One of {', '.join(FORMATS)}.")] = "jsonl",
+    model: ModelOpt = DEFAULT_MODEL,
+    checkpoint: CheckpointOpt = None,
+    features: FeaturesOpt = "keys",
+    method: MethodOpt = "lost",
+    k_patches: KPatchesOpt = 100,
+    gram_bias: GramBiasOpt = None,
+    center: CenterOpt = None,
+    tau: TauOpt = 0.2,
+    max_objects: MaxObjOpt = 1,
+    min_score: MinScoreOpt = None,
+    max_size: MaxSizeOpt = None,
+    batch_size: BatchOpt = 1,
+    device: DeviceOpt = "cpu",
+    precision: PrecisionOpt = "fp32",
+    threads: ThreadsOpt = None,
+    workers: WorkersOpt = 2,
+    test_time_registers: TTROpt = None,
+    viz: Annotated[
+        Path | None, typer.Option("--viz", help="Write one PNG per image with its boxes here.")
+    ] = None,
+    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Descend folders.")] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Skip images already in the output.")
+    ] = False,
+) -> None:
+    """Discover the main object(s) in images and write their boxes."""
+    from discover.distributed import DistContext
+    from discover.outputs import open_writer, result_record
+    from discover.pipeline import Discoverer, iter_image_paths
+
+    if fmt not in FORMATS:
+        raise UsageFailure(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    try:
+        files = iter_image_paths(paths, recursive=recursive)
+    except FileNotFoundError as e:
+        raise UsageFailure(str(e)) from None
+    if not files:
+        where = ", ".join(str(p) for p in paths)
+        raise UsageFailure(f"no images found in {where} (extensions: jpg, png, bmp, tif, webp)")
+    if out_path is None:
+        out_path = Path("results" if fmt == "voc" else f"results.{fmt}")
+    dist = DistContext.from_env(device)
+    names = {f: f.as_posix() for f in files}
+    part = dist.part_path(out_path)
+    try:
+        writer = open_writer(part, fmt, resume=resume)
+    except (OSError, ValueError) as e:
+        raise UsageFailure(f"cannot write output {part}: {_reason(e)}") from None
+    with writer:
+        todo = [f for f in dist.shard(files, key=lambda f: names[f]) if names[f] not in writer.done]
+        skipped = len(files) - len(todo) if dist.world_size == 1 else None
+        if skipped:
+            err.print(f"resume: {skipped} image(s) already in {part}, {len(todo)} to go")
+        _setup_threads(threads)
+        params = _method_params(method, k_patches, gram_bias, center, tau)
+        disc = Discoverer(
+            model,
+            checkpoint=str(checkpoint) if checkpoint else None,
+            method=method,
+            device=dist.device,
+            batch_size=batch_size,
+            features=features,
+            precision=precision,
+            max_size=max_size,
+            max_objects=max_objects,
+            min_score=min_score,
+            num_workers=workers,
+            test_time_registers=test_time_registers,
+            keep_images=viz is not None,
+            **params,
+        )
+        n_boxes = n_fail = n_done = 0
+        t0 = time.perf_counter()
+        interrupted = False
+        with progress_bar() as bar:
+            task = bar.add_task("boxing", total=len(todo), status="")
+            try:
+                for res in disc.run(todo):
+                    name = names[Path(res.path)]
+                    writer.write(result_record(res, name))
+                    n_done += 1
+                    if res.error:
+                        n_fail += 1
+                        bar.console.print(f"[yellow]warning[/]: {name}: {res.error}")
+                    n_boxes += len(res.detections)
+                    if viz is not None and res.error is None:
+                        _save_viz(viz, name, res)
+                    bar.update(task, advance=1, status=f"{n_boxes} boxes, {n_fail} failed")
+            except KeyboardInterrupt:
+                interrupted = True
+    if dist.world_size > 1:
+        dist.merge_outputs(out_path, fmt)
+    dt = time.perf_counter() - t0
+    rate = n_done / dt if dt > 0 else 0.0
+    target = out_path if dist.is_main else part
+    msg = (
+        f"{n_done} images, {n_boxes} boxes, {n_fail} failures in {dt:.1f} s "
+        f"({rate:.2f} img/s) -> {target}"
+    )
+    if interrupted:
+        err.print(f"interrupted: {msg} (run again with --resume to finish)")
+        raise typer.Exit(130)
+    if dist.is_main:
+        err.print(msg)
+
+
+def _save_viz(folder: Path, name: str, res) -> None:  # noqa: ANN001
+    from discover.viz import draw_result, save_png
+
+    safe = name.replace("\\", "/").strip("/").replace("../", "").replace("/", "__")
+    stem = os.path.splitext(safe)[0] or "image"
+    save_png(folder / f"{stem}.png", draw_result(res.extras["image"], res))
+
+
+@app.command("eval")
+def eval_(
+    dataset: Annotated[str, typer.Option("--dataset", help="voc07, voc12 or coco20k.")],
+    root: Annotated[Path, typer.Option("--root", help="Dataset folder (see README).")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("out/eval"),
+    coco_list: Annotated[
+        Path | None,
+        typer.Option("--coco-list", help="coco20k: path to coco_20k_filenames.txt."),
+    ] = None,
+    ann_file: Annotated[
+        Path | None, typer.Option("--ann-file", help="coco20k: instances_train2014.json.")
+    ] = None,
+    model: ModelOpt = DEFAULT_MODEL,
+    checkpoint: CheckpointOpt = None,
+    features: FeaturesOpt = "keys",
+    method: MethodOpt = "lost",
+    k_patches: KPatchesOpt = 100,
+    gram_bias: GramBiasOpt = None,
+    center: CenterOpt = None,
+    tau: TauOpt = 0.2,
+    max_objects: MaxObjOpt = 1,
+    min_score: MinScoreOpt = None,
+    no_hard: Annotated[
+        bool, typer.Option("--no-hard", help="Drop difficult/truncated objects (VOC).")
+    ] = False,
+    limit: Annotated[int | None, typer.Option("--limit", help="First N images only.")] = None,
+    max_size: MaxSizeOpt = None,
+    batch_size: BatchOpt = 1,
+    device: DeviceOpt = "cpu",
+    precision: PrecisionOpt = "fp32",
+    threads: ThreadsOpt = None,
+    workers: WorkersOpt = 2,
+    test_time_registers: TTROpt = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Skip images already in OUT/boxes.jsonl.")
+    ] = False,
+) -> None:
+    """CorLoc of single-object discovery on VOC07, VOC12 or COCO20k trainval."""
+    from discover.datasets import load_dataset
+    from discover.distributed import DistContext
+    from discover.evaluate import EvalRun
+    from discover.pipeline import Discoverer
+
+    ds = load_dataset(dataset, root, coco_list=coco_list, no_hard=no_hard, ann_file=ann_file)
+    if len(ds) == 0:
+        raise UsageFailure(f"{dataset} at {root} has no image to evaluate")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageFailure(f"cannot create output folder {out_dir}: {_reason(e)}") from None
+    dist = DistContext.from_env(device)
+    _setup_threads(threads)
+    params = _method_params(method, k_patches, gram_bias, center, tau)
+    disc = Discoverer(
+        model,
+        checkpoint=str(checkpoint) if checkpoint else None,
+        method=method,
+        device=dist.device,
+        batch_size=batch_size,
+        features=features,
+        precision=precision,
+        max_size=max_size,
+        max_objects=max_objects,
+        min_score=min_score,
+        num_workers=workers,
+        test_time_registers=test_time_registers,
+        **params,
+    )
+    settings = {
+        "model": model,
+        "checkpoint": str(checkpoint) if checkpoint else None,
+        "features": features,
+        "method": method,
+        "method_params": disc.method_params,
+        "max_objects": max_objects,
+        "min_score": min_score,
+        "no_hard": no_hard,
+        "limit": limit,
+        "max_size": max_size,
+        "precision": disc.backbone.precision,
+        "test_time_registers": test_time_registers,
+        "batch_size": batch_size,
+        "device": str(disc.backbone.device),
+    }
+    samples = list(ds)[:limit] if limit else list(ds)
+    run = EvalRun(
+        ds,
+        disc,
+        out_dir,
+        settings=settings,
+        resume=resume,
+        samples=dist.shard(samples, key=lambda s: s.image_id),
+        boxes_name=dist.part_path(Path("boxes.jsonl")).name,
+    )
+    n = len(run.samples)
+    with progress_bar() as bar:
+        task = bar.add_task(f"{ds.name} {method}", total=n, status="")
+        for rec in run.run():
+            if rec.record.get("error") and not rec.resumed:
+                bar.console.print(
+                    f"[yellow]warning[/]: {rec.record['image']}: {rec.record['error']}"
+                )
+            acc = run.acc
+            bar.update(
+                task,
+                advance=1,
+                status=f"CorLoc {100 * acc.corloc:.2f} ({acc.correct}/{acc.total})",
+            )
+    if dist.world_size > 1:
+        acc = dist.merge_eval(out_dir, run)
+    if dist.is_main:
+        path = run.write_summary()
+        acc = run.acc
+        err.print(
+            f"{ds.name}: CorLoc {100 * acc.corloc:.2f} ({acc.correct}/{acc.total}), "
+            f"object recall {100 * acc.recall:.2f}, {len(acc.failures)} failures, "
+            f"{run.elapsed:.1f} s -> {path}"
+        )
+
+
+@app.command()
+def models() -> None:
+    """List the supported models (patch size, width, registers)."""
+    table = Table(title="Supported models (any timm ViT name also works)")
+    for col in ("model", "family", "patch", "dim", "registers", "note"):
+        table.add_column(col)
+    for s in list_models():
+        table.add_row(s.name, s.family, str(s.patch_size), str(s.dim), str(s.registers), s.note)
+    out.print(table)
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e)
+
+
+def main() -> None:
+    """Console-script entry point: every expected failure is one line, exit code 2."""
+    try:
+        app(standalone_mode=False)
+    except (UsageFailure, RegdiscoverError) as e:
+        err.print(f"[red]error[/]: {e}")
+        sys.exit(2)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        err.print("aborted")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
