@@ -380,6 +380,22 @@ def _resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def model_family(name: str) -> str:
+    """The family of a model name: ``dinov2``, ``dino``, ``deit3``, ``clip`` or ``vit``."""
+    if name in MODELS:
+        return MODELS[name].family
+    arch, _, tag = name.partition(".")
+    if "dinov2" in arch:
+        return "dinov2"
+    if tag.startswith("dino") or "dino" in arch:
+        return "dino"
+    if arch.startswith("deit3"):
+        return "deit3"
+    if "clip" in arch:
+        return "clip"
+    return "vit"
+
+
 def list_models() -> list[ModelSpec]:
     """The supported models, in the order ``discover models`` prints them."""
     return list(MODELS.values())

@@ -72,10 +72,12 @@ def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str
     """
     from timm.models.vision_transformer import checkpoint_filter_fn
 
+    filter_error = None
     try:
         sd = checkpoint_filter_fn(dict(state_dict), model)
-    except Exception as e:  # noqa: BLE001
-        raise WeightsError(f"{source} does not fit this architecture: {e}") from None
+    except Exception as e:  # noqa: BLE001 - e.g. a position embedding of another width
+        filter_error = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        sd = dict(state_dict)  # report the mismatch on the raw keys
     own = model.state_dict()
     shape_bad = [
         f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
@@ -93,6 +95,8 @@ def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str
         if shape_bad:
             parts.append(f"{len(shape_bad)} with another shape ({_few(shape_bad)})")
         raise WeightsError(f"{source} does not match the architecture: " + "; ".join(parts))
+    if filter_error is not None:
+        raise WeightsError(f"{source} does not fit this architecture: {filter_error}")
     model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
 
 

@@ -1,0 +1,278 @@
+"""The backbone wrapper: shapes, prefix split, preprocessing, checkpoints and errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from discover.backbone import (
+    MODELS,
+    Backbone,
+    cpu_supports_bf16,
+    list_models,
+    target_size,
+)
+from discover.errors import ImageError, WeightsError
+
+
+def _rand_image(h: int, w: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+
+
+def _vit(name: str) -> torch.nn.Module:
+    return timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True)
+
+
+@pytest.fixture(scope="module")
+def reg4() -> Backbone:
+    torch.manual_seed(0)
+    return Backbone("vit_small_patch14_reg4_dinov2", pretrained=False)
+
+
+# One architecture per supported family (random init: shapes do not depend on weights).
+FAMILIES = [
+    ("vit_small_patch14_reg4_dinov2", 14, 384, 4),
+    ("vit_small_patch14_dinov2", 14, 384, 0),
+    ("vit_small_patch16_224", 16, 384, 0),  # DINO ViT-S/16
+    ("vit_small_patch8_224", 8, 384, 0),  # DINO ViT-S/8
+    ("deit3_small_patch16_224", 16, 384, 0),
+    ("vit_base_patch16_clip_224", 16, 768, 0),
+]
+
+
+@pytest.mark.parametrize(("arch", "patch", "dim", "regs"), FAMILIES)
+def test_shapes_at_odd_image_size(arch: str, patch: int, dim: int, regs: int) -> None:
+    bb = Backbone(arch, pretrained=False)
+    feats, prepared = bb.extract([_rand_image(333, 517), _rand_image(333, 517, 1)])
+    h, w = -(-333 // patch), -(-517 // patch)  # padded up to a multiple of the patch
+    assert feats.grid == (h, w)
+    assert feats.patch_size == patch
+    assert feats.patches.shape == (2, h * w, dim)
+    assert feats.cls.shape == (2, dim)
+    assert feats.registers.shape == (2, regs, dim)
+    assert prepared[0].input_size == (517, 333)
+    assert prepared[0].scale == (1.0, 1.0)
+
+
+def test_keys_equal_manual_qkv_hook(reg4: Backbone) -> None:
+    img = _rand_image(333, 517, 3)
+    feats, _ = reg4.extract([img])
+    m = reg4.model
+    x = reg4.to_tensor([img])
+    seen = {}
+    hook = m.blocks[-1].register_forward_hook(lambda mod, args, out: seen.update(x=args[0]))
+    with torch.no_grad():
+        m.forward_features(x)
+    hook.remove()
+    last = m.blocks[-1]
+    with torch.no_grad():
+        qkv = last.attn.qkv(last.norm1(seen["x"]))
+    D = m.embed_dim
+    prefix = m.num_prefix_tokens  # 1 [CLS] + 4 registers
+    assert prefix == 5
+    assert torch.equal(feats.patches, qkv[:, prefix:, D : 2 * D])
+    assert torch.equal(feats.cls, qkv[:, 0, D : 2 * D])
+    assert torch.equal(feats.registers, qkv[:, 1:prefix, D : 2 * D])
+    q = reg4(x, features="queries")
+    v = reg4(x, features="values")
+    assert torch.equal(q.patches, qkv[:, prefix:, :D])
+    assert torch.equal(v.patches, qkv[:, prefix:, 2 * D :])
+
+
+def test_tokens_are_forward_features_and_norms_are_last_block_output(reg4: Backbone) -> None:
+    img = _rand_image(98, 140, 4)
+    x = reg4.to_tensor([img])
+    out = reg4(x, features="tokens", norms=True, attention=True)
+    m = reg4.model
+    seen = {}
+    hook = m.blocks[-1].register_forward_hook(lambda mod, args, o: seen.update(out=o))
+    with torch.no_grad():
+        full = m.forward_features(x)
+    hook.remove()
+    assert torch.equal(out.patches, full[:, 5:])
+    assert torch.equal(out.cls, full[:, 0])
+    assert torch.allclose(out.token_norms, seen["out"].norm(dim=-1))
+    T = 5 + 7 * 10
+    assert out.token_norms.shape == (1, T)
+    assert out.cls_attention.shape == (1, m.blocks[-1].attn.num_heads, T)
+    assert torch.allclose(out.cls_attention.sum(-1), torch.ones(1, 6), atol=1e-5)
+
+
+def test_preprocessing_normalises_then_pads_with_zeros(reg4: Backbone) -> None:
+    img = np.full((20, 30, 3), 255, dtype=np.uint8)
+    x = reg4.to_tensor([img])
+    assert x.shape == (1, 3, 28, 42)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    assert torch.allclose(x[0, :, :20, :30], ((1.0 - mean) / std).expand(3, 20, 30))
+    assert torch.all(x[0, :, 20:, :] == 0) and torch.all(x[0, :, :, 30:] == 0)
+
+
+def test_batch_equals_one_by_one(reg4: Backbone) -> None:
+    imgs = [_rand_image(70, 84, s) for s in range(3)]
+    batch, _ = reg4.extract(imgs)
+    for i, img in enumerate(imgs):
+        one, _ = reg4.extract([img])
+        assert torch.allclose(batch.patches[i], one.patches[0], atol=1e-4)
+
+
+def test_unequal_sizes_in_one_batch_raise(reg4: Backbone) -> None:
+    with pytest.raises(ValueError, match="equal-size"):
+        reg4.extract([_rand_image(70, 84), _rand_image(84, 70)])
+
+
+def test_target_size_keeps_aspect_and_patch_multiples() -> None:
+    assert target_size(500, 375, 1000, 14) == (500, 375)  # small enough: untouched
+    w, h = target_size(2000, 1000, 518, 14)
+    assert w % 14 == 0 and h % 14 == 0 and max(w, h) <= 518
+    assert abs(w / h - 2.0) < 0.1
+    assert target_size(10000, 20, 518, 14) == (518 // 14 * 14, 14)  # at least one patch
+
+
+def test_max_size_resizes_and_records_scale() -> None:
+    bb = Backbone("vit_small_patch14_dinov2", pretrained=False, max_size=224)
+    pr = bb.prepare(_rand_image(600, 900))
+    w, h = pr.input_size
+    assert max(w, h) <= 224 and w % 14 == 0 and h % 14 == 0
+    assert pr.scale == pytest.approx((900 / w, 600 / h))
+    assert pr.original_size == (900, 600)
+
+
+def test_image_smaller_than_a_patch_is_refused(reg4: Backbone) -> None:
+    with pytest.raises(ImageError, match="smaller than one 14x14 patch"):
+        reg4.prepare(_rand_image(10, 40))
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="features"):
+        Backbone("vit_small_patch14_dinov2", pretrained=False, features="attn")
+    with pytest.raises(ValueError, match="precision"):
+        Backbone("vit_small_patch14_dinov2", pretrained=False, precision="int8")
+
+
+@pytest.mark.skipif(not cpu_supports_bf16(), reason="CPU without native bf16")
+def test_bf16_features_close_to_fp32() -> None:
+    torch.manual_seed(1)
+    m = _vit("vit_small_patch14_reg4_dinov2")
+    fp32 = Backbone("x", model=m)
+    bf16 = Backbone("x", model=m, precision="bf16")
+    img = _rand_image(112, 140, 5)
+    a, _ = fp32.extract([img])
+    b, _ = bf16.extract([img])
+    cos = torch.nn.functional.cosine_similarity(a.patches.float(), b.patches.float(), dim=-1)
+    assert cos.min() > 0.98
+
+
+# -- checkpoints ---------------------------------------------------------------------
+
+
+def _features(bb: Backbone) -> torch.Tensor:
+    return bb.extract([_rand_image(56, 70, 9)])[0].patches
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> tuple[torch.nn.Module, dict]:
+    torch.manual_seed(2)
+    m = _vit("vit_small_patch14_reg4_dinov2").eval()
+    return m, {k: v.clone() for k, v in m.state_dict().items()}
+
+
+def test_checkpoint_round_trip_pth_and_safetensors(saved, tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    model, sd = saved
+    ref = _features(Backbone("x", model=model))
+    pth = tmp_path / "w.pth"
+    torch.save(sd, pth)
+    st = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(st))
+    for path in (pth, st):
+        bb = Backbone("vit_small_patch14_reg4_dinov2", checkpoint=str(path))
+        assert torch.equal(_features(bb), ref)
+
+
+def test_checkpoint_in_dinov2_release_layout(saved, tmp_path) -> None:
+    model, sd = saved
+    ref = _features(Backbone("x", model=model))
+    # The release keeps a [CLS] position in pos_embed and calls the registers
+    # register_tokens; timm folds the [CLS] position into cls_token.
+    release = {k: v for k, v in sd.items() if k not in ("reg_token", "pos_embed", "cls_token")}
+    cls_pos = torch.randn(1, 1, 384)
+    release["pos_embed"] = torch.cat([cls_pos, sd["pos_embed"]], dim=1)
+    release["cls_token"] = sd["cls_token"] - cls_pos
+    release["register_tokens"] = sd["reg_token"]
+    release["mask_token"] = torch.zeros(1, 384)
+    path = tmp_path / "dinov2_vits14_reg4_pretrain.pth"
+    torch.save(release, path)
+    bb = Backbone("vit_small_patch14_reg4_dinov2.lvd142m", checkpoint=str(path))
+    assert torch.allclose(_features(bb), ref, atol=1e-5)
+
+
+def test_checkpoint_in_dino_training_layout(tmp_path) -> None:
+    torch.manual_seed(3)
+    m = _vit("vit_small_patch16_224").eval()
+    ref = _features(Backbone("x", model=m))
+    full = {
+        "teacher": {f"backbone.{k}": v for k, v in m.state_dict().items()},
+        "epoch": torch.tensor(100),
+    }
+    path = tmp_path / "checkpoint.pth"
+    torch.save(full, path)
+    bb = Backbone("vit_small_patch16_224.dino", checkpoint=str(path))
+    assert torch.equal(_features(bb), ref)
+
+
+def test_missing_checkpoint_is_one_clear_error(tmp_path) -> None:
+    with pytest.raises(WeightsError, match="checkpoint not found"):
+        Backbone("vit_small_patch14_dinov2", checkpoint=str(tmp_path / "nope.pth"))
+
+
+def test_wrong_architecture_names_the_mismatched_keys(saved, tmp_path) -> None:
+    _, sd = saved  # ViT-S/14 with registers
+    path = tmp_path / "small.pth"
+    torch.save(sd, path)
+    with pytest.raises(WeightsError) as err:
+        Backbone("vit_base_patch16_224.dino", checkpoint=str(path))
+    msg = str(err.value)
+    assert "does not match" in msg and "another shape" in msg
+    assert "\n" not in msg
+
+
+def test_garbage_checkpoint(tmp_path) -> None:
+    path = tmp_path / "junk.pth"
+    path.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(WeightsError, match="cannot read checkpoint"):
+        Backbone("vit_small_patch14_dinov2", checkpoint=str(path))
+
+
+def test_no_network_gives_a_hint(monkeypatch) -> None:
+    def offline(*args, **kwargs):
+        if kwargs.get("pretrained"):
+            raise OSError("Name or service not known")
+        return real(*args, **kwargs)
+
+    real = timm.create_model
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(WeightsError) as err:
+        Backbone("vit_small_patch14_reg4_dinov2.lvd142m")
+    assert "--checkpoint" in str(err.value)
+    assert "vit_small_patch14_dinov2.imgfocus" in str(err.value)
+
+
+def test_unknown_model_name() -> None:
+    with pytest.raises(WeightsError, match="unknown timm model"):
+        Backbone("vit_nonexistent_patch99", pretrained=False)
+
+
+def test_model_list_is_consistent_with_timm() -> None:
+    names = [s.name for s in list_models()]
+    assert names[0] == "vit_small_patch14_reg4_dinov2.lvd142m"
+    assert "vit_base_patch16_clip_224.openai" in names
+    for spec in MODELS.values():
+        if spec.name.endswith(".imgfocus"):
+            continue
+        cfg = timm.models.get_pretrained_cfg(spec.name.replace(".", ".", 1))
+        assert cfg is not None, spec.name
+        assert timm.is_model(spec.arch), spec.name
