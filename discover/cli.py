@@ -94,7 +94,10 @@ GramBiasOpt = Annotated[
 ]
 CenterOpt = Annotated[
     bool | None,
-    typer.Option("--center/--no-center", help="LOST: subtract the mean feature (default: auto)."),
+    typer.Option(
+        "--center/--no-center",
+        help="Subtract the image's mean feature before the graph (default: per model).",
+    ),
 ]
 TauOpt = Annotated[float, typer.Option("--tau", help="TokenCut: similarity threshold.")]
 MaxObjOpt = Annotated[int, typer.Option("--max-objects", help="Objects per image.")]
@@ -133,7 +136,10 @@ def _method_params(
             params["center"] = center
         return params
     if method == "tokencut":
-        return {"tau": tau}
+        params = {"tau": tau}
+        if center is not None:
+            params["center"] = center
+        return params
     return {}
 
 
@@ -210,12 +216,13 @@ def boxes(
     dist = DistContext.from_env(device)
     names = {f: f.as_posix() for f in files}
     part = dist.part_path(out_path)
+    done = dist.prepare_output(out_path, fmt, resume=resume)
     try:
         writer = open_writer(part, fmt, resume=resume)
     except (OSError, ValueError) as e:
         raise UsageFailure(f"cannot write output {part}: {_reason(e)}") from None
     with writer:
-        todo = [f for f in dist.shard(files, key=lambda f: names[f]) if names[f] not in writer.done]
+        todo = dist.shard(files, key=lambda f: names[f], done=done | writer.done)
         skipped = len(files) - len(todo) if dist.world_size == 1 else None
         if skipped:
             err.print(f"resume: {skipped} image(s) already in {part}, {len(todo)} to go")
@@ -256,8 +263,7 @@ def boxes(
                     bar.update(task, advance=1, status=f"{n_boxes} boxes, {n_fail} failed")
             except KeyboardInterrupt:
                 interrupted = True
-    if dist.world_size > 1:
-        dist.merge_outputs(out_path, fmt)
+    dist.merge_outputs(out_path, fmt)
     dt = time.perf_counter() - t0
     rate = n_done / dt if dt > 0 else 0.0
     target = out_path if dist.is_main else part
@@ -365,13 +371,14 @@ def eval_(
         "device": str(disc.backbone.device),
     }
     samples = list(ds)[:limit] if limit else list(ds)
+    done = dist.prepare_output(out_dir / "boxes.jsonl", "jsonl", resume=resume)
     run = EvalRun(
         ds,
         disc,
         out_dir,
         settings=settings,
         resume=resume,
-        samples=dist.shard(samples, key=lambda s: s.image_id),
+        samples=dist.shard(samples, key=lambda s: s.image_id, done=done),
         boxes_name=dist.part_path(Path("boxes.jsonl")).name,
     )
     n = len(run.samples)
@@ -388,8 +395,7 @@ def eval_(
                 advance=1,
                 status=f"CorLoc {100 * acc.corloc:.2f} ({acc.correct}/{acc.total})",
             )
-    if dist.world_size > 1:
-        acc = dist.merge_eval(out_dir, run)
+    acc = dist.merge_eval(out_dir, run, samples)
     if dist.is_main:
         path = run.write_summary()
         acc = run.acc

@@ -230,6 +230,7 @@ def tokencut(
     eps: float = 1e-5,
     exclude: Tensor | None = None,
     solver: str = "auto",
+    center: bool = False,
 ) -> TokenCutResult:
     """Discover the main object of one image with TokenCut.
 
@@ -242,6 +243,9 @@ def tokencut(
         exclude: optional bool ``[N]`` of patches left out of the graph; they are
             never part of the mask, and the connected component cannot cross them.
         solver: eigensolver, see :func:`second_eigenpair`.
+        center: subtract the mean feature of the patches in the graph before the cosine
+            similarities (not in the reference; the calibrated default for DINOv2, whose
+            keys are all mutually similar above ``tau`` otherwise).
 
     Returns:
         A :class:`TokenCutResult`.
@@ -266,7 +270,10 @@ def tokencut(
     if n < 3:
         raise EmptyGraphError(f"tokencut: needs at least 3 patches in the graph, got {n}")
 
-    edges = _edges(feats[kept], tau)
+    graph_feats = feats[kept]
+    if center:
+        graph_feats = graph_feats.float() - graph_feats.float().mean(dim=0, keepdim=True)
+    edges = _edges(graph_feats, tau)
     off_diagonal = ~torch.eye(n, dtype=torch.bool, device=device)
     linked = edges & off_diagonal
     if bool(linked.eq(off_diagonal).all()):
