@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -66,9 +67,9 @@ def _mask_to_pixels(
     H, W = shape
     gh, gw = m.shape
     # Patch grid -> network-input pixels -> original pixels, nearest neighbour.
-    big = cv2.resize(
-        m, (int(round(gw * patch * sx)), int(round(gh * patch * sy))), cv2.INTER_NEAREST
-    )
+    size = (max(1, int(round(gw * patch * sx))), max(1, int(round(gh * patch * sy))))
+    # interpolation must be a keyword: cv2.resize's third positional argument is ``dst``.
+    big = cv2.resize(m, size, interpolation=cv2.INTER_NEAREST)
     full = np.zeros((H, W), dtype=bool)
     hh, ww = min(H, big.shape[0]), min(W, big.shape[1])
     full[:hh, :ww] = big[:hh, :ww] > 0
@@ -80,3 +81,242 @@ def save_png(path: str | os.PathLike[str], rgb: np.ndarray) -> None:
     os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
     if not cv2.imwrite(os.fspath(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
         raise OSError(f"cannot write {path}")
+
+
+# -- inspection figures (``discover inspect``) --------------------------------------------
+INSPECT_PAD = 8
+"""Pixels around and between the panels of an inspection figure."""
+INSPECT_HEADER = 24
+"""Height of the strip above each model's row (model name and its numbers)."""
+INSPECT_TITLE = 20
+"""Height of the title strip above each panel."""
+INSPECT_PANELS = 4
+"""Panels per row: image, token norms, [CLS] attention, LOST degree."""
+_BACKGROUND = (24, 24, 24)
+_TEXT = (235, 235, 235)
+
+
+@dataclass(eq=False)
+class InspectionRow:
+    """What one model shows of one image in an inspection figure.
+
+    Maps are at patch resolution (``[h, w]`` numpy arrays or tensors) and cover the padded
+    network input; ``image`` is the network input before padding, so patch ``(r, c)`` covers
+    its pixels ``[r*p, (r+1)*p) x [c*p, (c+1)*p)``.
+    """
+
+    label: str
+    """Row header, e.g. the model name."""
+    image: np.ndarray
+    """RGB uint8 ``[H, W, 3]``, the network input."""
+    patch_size: int
+    norms: np.ndarray | torch.Tensor
+    """float ``[h, w]`` patch-token norms (drawn on the figure's shared scale)."""
+    outliers: np.ndarray | torch.Tensor
+    """bool ``[h, w]``, outlined in red on the norm map."""
+    attention: np.ndarray | torch.Tensor
+    """float ``[h, w]`` [CLS] attention map (drawn from 0 to its own maximum)."""
+    degree: np.ndarray | torch.Tensor | None = None
+    """float ``[h, w]`` LOST degree map; ``None`` when LOST did not run."""
+    seed: tuple[int, int] | None = None
+    """``(row, col)`` of LOST's seed (filled yellow square)."""
+    box: tuple[int, int, int, int] | None = None
+    """LOST box ``(x0, y0, x1, y1)`` in patches, end exclusive (red rectangle)."""
+    mask: np.ndarray | torch.Tensor | None = None
+    """bool ``[h, w]`` LOST mask (green outline)."""
+    expansion: np.ndarray | torch.Tensor | None = None
+    """bool ``[h, w]`` LOST's expanded seed set (cyan dots)."""
+    info: str = ""
+    """Text after the label in the row header."""
+    attention_title: str = "[CLS] attn"
+    lost_title: str = "LOST degree"
+
+
+def inspection_panel_shape(image_hw: tuple[int, int], panel_size: int = 320) -> tuple[int, int]:
+    """``(height, width)`` of one panel: the image scaled so its longer side is ``panel_size``."""
+    h, w = int(image_hw[0]), int(image_hw[1])
+    if h < 1 or w < 1 or panel_size < 1:
+        raise ValueError(f"bad image size {image_hw} or panel size {panel_size}")
+    s = panel_size / max(h, w)
+    return max(1, int(round(h * s))), max(1, int(round(w * s)))
+
+
+def inspection_figure_size(
+    image_hw: tuple[int, int], n_rows: int, panel_size: int = 320
+) -> tuple[int, int]:
+    """``(height, width)`` in pixels of :func:`draw_inspection`'s figure.
+
+    With ``(ph, pw)`` from :func:`inspection_panel_shape`::
+
+        height = PAD + n_rows * (HEADER + TITLE + ph + PAD)
+        width  = PAD + 4 * (pw + PAD)
+    """
+    ph, pw = inspection_panel_shape(image_hw, panel_size)
+    height = INSPECT_PAD + n_rows * (INSPECT_HEADER + INSPECT_TITLE + ph + INSPECT_PAD)
+    width = INSPECT_PAD + INSPECT_PANELS * (pw + INSPECT_PAD)
+    return height, width
+
+
+def colorize(
+    values: np.ndarray | torch.Tensor,
+    vmin: float,
+    vmax: float,
+    colormap: int = cv2.COLORMAP_VIRIDIS,
+) -> np.ndarray:
+    """Map a 2-D array to RGB uint8 with an OpenCV colormap; ``vmin``/``vmax`` are the ends."""
+    v = _as_numpy(values).astype(np.float64)
+    span = float(vmax) - float(vmin)
+    if span > 0 and np.isfinite(span):
+        u = np.clip((v - float(vmin)) / span, 0.0, 1.0)
+    else:
+        u = np.zeros_like(v)
+    u8 = np.rint(np.nan_to_num(u) * 255.0).astype(np.uint8)
+    return cv2.cvtColor(cv2.applyColorMap(u8, colormap), cv2.COLOR_BGR2RGB)
+
+
+def draw_inspection(
+    rows: Sequence[InspectionRow],
+    *,
+    panel_size: int = 320,
+    norm_range: tuple[float, float] | None = None,
+) -> np.ndarray:
+    """The inspection figure of one image: one row per model, four panels per row.
+
+    Panels: the image; the patch-token norm map (viridis, outliers outlined in red) on a
+    colour scale shared by all rows, ``norm_range`` or ``0`` to the largest patch norm of
+    any row, written in the panel title (``norm 0-412``); the [CLS] attention map (inferno,
+    ``0`` to its maximum); LOST's degree map (bone, lowest to highest degree) with the
+    expanded seed set (cyan dots), the mask (green outline), the seed (yellow square) and the
+    box (red). The figure size is :func:`inspection_figure_size` of the first row's image.
+
+    Returns:
+        RGB uint8 ``[height, width, 3]``.
+    """
+    if not rows:
+        raise ValueError("nothing to draw: no rows")
+    ph, pw = inspection_panel_shape(rows[0].image.shape[:2], panel_size)
+    height, width = inspection_figure_size(rows[0].image.shape[:2], len(rows), panel_size)
+    fig = np.empty((height, width, 3), dtype=np.uint8)
+    fig[:] = _BACKGROUND
+    if norm_range is None:
+        vmax = max(float(np.max(_as_numpy(r.norms))) for r in rows)
+        norm_range = (0.0, vmax)
+    n0, n1 = float(norm_range[0]), float(norm_range[1])
+    y = INSPECT_PAD
+    for row in rows:
+        text = row.label + (f"   {row.info}" if row.info else "")
+        _put_text(fig, text, INSPECT_PAD, y, width - 2 * INSPECT_PAD, INSPECT_HEADER, 0.5)
+        y += INSPECT_HEADER
+        panels = _inspection_panels(row, (ph, pw), (n0, n1))
+        x = INSPECT_PAD
+        for title, panel in panels:
+            _put_text(fig, title, x, y, pw, INSPECT_TITLE, 0.42)
+            fig[y + INSPECT_TITLE : y + INSPECT_TITLE + ph, x : x + pw] = panel
+            x += pw + INSPECT_PAD
+        y += INSPECT_TITLE + ph + INSPECT_PAD
+    return fig
+
+
+def _inspection_panels(
+    row: InspectionRow, shape: tuple[int, int], norm_range: tuple[float, float]
+) -> list[tuple[str, np.ndarray]]:
+    ph, pw = shape
+    img = row.image
+    H, W = img.shape[:2]
+    p = int(row.patch_size)
+    image_panel = cv2.resize(img, (pw, ph), interpolation=cv2.INTER_AREA)
+    geo = (p, (H, W), (ph, pw))
+
+    norms = _as_numpy(row.norms).astype(np.float64)
+    norm_panel = _grid_panel(colorize(norms, *norm_range, cv2.COLORMAP_VIRIDIS), *geo)
+    outliers = _as_numpy(row.outliers).astype(bool)
+    for r, c in zip(*np.nonzero(outliers), strict=True):
+        (x0, y0), (x1, y1) = _cell(int(r), int(c), *geo)
+        cv2.rectangle(norm_panel, (x0, y0), (x1, y1), (255, 0, 0), 1)
+    n_out = int(outliers.sum())
+    norm_title = f"norm {norm_range[0]:.0f}-{norm_range[1]:.0f}, {n_out} outlier(s)"
+
+    att = _as_numpy(row.attention).astype(np.float64)
+    amax = float(att.max()) if att.size else 0.0
+    att_panel = _grid_panel(colorize(att, 0.0, amax, cv2.COLORMAP_INFERNO), *geo)
+    att_title = f"{row.attention_title} 0-{amax:.3g}"
+
+    if row.degree is None:
+        lost_panel = np.zeros((ph, pw, 3), dtype=np.uint8)
+        lost_title = f"{row.lost_title}: none"
+    else:
+        deg = _as_numpy(row.degree).astype(np.float64)
+        d0, d1 = float(deg.min()), float(deg.max())
+        lost_panel = _grid_panel(colorize(deg, d0, d1, cv2.COLORMAP_BONE), *geo)
+        if row.mask is not None:
+            m = _as_numpy(row.mask).astype(np.uint8)
+            big = _grid_panel(m[:, :, None].repeat(3, axis=2), *geo)[:, :, 0]
+            contours, _ = cv2.findContours(big, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+            cv2.drawContours(lost_panel, contours, -1, (0, 220, 0), 1)
+        if row.expansion is not None:
+            for r, c in zip(*np.nonzero(_as_numpy(row.expansion)), strict=True):
+                (x0, y0), (x1, y1) = _cell(int(r), int(c), *geo)
+                rad = max(1, min(x1 - x0, y1 - y0) // 5)
+                cv2.circle(lost_panel, ((x0 + x1) // 2, (y0 + y1) // 2), rad, (0, 255, 255), -1)
+        if row.seed is not None:
+            (x0, y0), (x1, y1) = _cell(int(row.seed[0]), int(row.seed[1]), *geo)
+            cv2.rectangle(lost_panel, (x0, y0), (x1, y1), (255, 255, 0), -1)
+        if row.box is not None:
+            bx0, by0, bx1, by1 = (int(v) for v in row.box)
+            (x0, y0), _ = _cell(by0, bx0, *geo)
+            _, (x1, y1) = _cell(by1 - 1, bx1 - 1, *geo)
+            cv2.rectangle(lost_panel, (x0, y0), (x1, y1), (255, 40, 40), 2)
+        lost_title = f"{row.lost_title} {d0:.0f}-{d1:.0f}"
+    return [
+        (f"image {W}x{H}", image_panel),
+        (norm_title, norm_panel),
+        (att_title, att_panel),
+        (lost_title, lost_panel),
+    ]
+
+
+def _grid_panel(
+    grid_rgb: np.ndarray, patch: int, input_hw: tuple[int, int], panel_hw: tuple[int, int]
+) -> np.ndarray:
+    """Nearest-neighbour map from a patch-grid image to a panel showing the network input."""
+    gh, gw = grid_rgb.shape[:2]
+    (H, W), (ph, pw) = input_hw, panel_hw
+    rows = np.minimum(((np.arange(ph) + 0.5) * H / ph // patch).astype(np.int64), gh - 1)
+    cols = np.minimum(((np.arange(pw) + 0.5) * W / pw // patch).astype(np.int64), gw - 1)
+    return np.ascontiguousarray(grid_rgb[rows][:, cols])
+
+
+def _cell(
+    r: int, c: int, patch: int, input_hw: tuple[int, int], panel_hw: tuple[int, int]
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Inclusive panel-pixel corners of patch ``(r, c)``, clipped to the panel."""
+    (H, W), (ph, pw) = input_hw, panel_hw
+    sy, sx = ph / H, pw / W
+    x0 = min(pw - 1, int(np.floor(c * patch * sx)))
+    y0 = min(ph - 1, int(np.floor(r * patch * sy)))
+    x1 = min(pw - 1, max(x0, int(np.ceil((c + 1) * patch * sx)) - 1))
+    y1 = min(ph - 1, max(y0, int(np.ceil((r + 1) * patch * sy)) - 1))
+    return (x0, y0), (x1, y1)
+
+
+def _put_text(
+    canvas: np.ndarray, text: str, x: int, y: int, width: int, height: int, scale: float
+) -> None:
+    """Write ``text`` in the box ``(x, y, width, height)``, shrunk or cut to fit."""
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    tw, th = cv2.getTextSize(text, font, scale, 1)[0]
+    while tw > width - 4 and scale > 0.3:
+        scale = max(0.3, scale - 0.04)
+        tw, th = cv2.getTextSize(text, font, scale, 1)[0]
+    while tw > width - 4 and len(text) > 1:
+        text = text[:-2] + "~"
+        tw, th = cv2.getTextSize(text, font, scale, 1)[0]
+    sub = canvas[y : y + height, x : x + width]
+    baseline = (height + th) // 2
+    cv2.putText(sub, text, (2, baseline), font, scale, _TEXT, 1, cv2.LINE_AA)
+
+
+def _as_numpy(a: np.ndarray | torch.Tensor) -> np.ndarray:
+    if isinstance(a, torch.Tensor):
+        return a.detach().cpu().float().numpy() if a.is_floating_point() else a.cpu().numpy()
+    return np.asarray(a)
