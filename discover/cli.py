@@ -8,7 +8,6 @@ discover models                                                 supported models
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -213,6 +213,11 @@ def boxes(
         raise UsageFailure(f"no images found in {where} (extensions: jpg, png, bmp, tif, webp)")
     if out_path is None:
         out_path = Path("results" if fmt == "voc" else f"results.{fmt}")
+    if viz is not None:
+        try:
+            viz.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UsageFailure(f"cannot create the --viz folder {viz}: {_reason(e)}") from None
     dist = DistContext.from_env(device)
     names = {f: f.as_posix() for f in files}
     part = dist.part_path(out_path)
@@ -225,25 +230,29 @@ def boxes(
         todo = dist.shard(files, key=lambda f: names[f], done=done | writer.done)
         skipped = len(files) - len(todo) if dist.world_size == 1 else None
         if skipped:
-            err.print(f"resume: {skipped} image(s) already in {part}, {len(todo)} to go")
+            _say(err, f"resume: {skipped} image(s) already in {part}, {len(todo)} to go")
         _setup_threads(threads)
         params = _method_params(method, k_patches, gram_bias, center, tau)
-        disc = Discoverer(
-            model,
-            checkpoint=str(checkpoint) if checkpoint else None,
-            method=method,
-            device=dist.device,
-            batch_size=batch_size,
-            features=features,
-            precision=precision,
-            max_size=max_size,
-            max_objects=max_objects,
-            min_score=min_score,
-            num_workers=workers,
-            test_time_registers=test_time_registers,
-            keep_images=viz is not None,
-            **params,
-        )
+        try:
+            disc = Discoverer(
+                model,
+                checkpoint=str(checkpoint) if checkpoint else None,
+                method=method,
+                device=dist.device,
+                batch_size=batch_size,
+                features=features,
+                precision=precision,
+                max_size=max_size,
+                max_objects=max_objects,
+                min_score=min_score,
+                num_workers=workers,
+                test_time_registers=test_time_registers,
+                keep_images=viz is not None,
+                **params,
+            )
+        except ValueError as e:  # a bad option value (features, device, k-patches...)
+            raise UsageFailure(str(e)) from None
+        viz_stems: dict[str, str] = {}
         n_boxes = n_fail = n_done = 0
         t0 = time.perf_counter()
         interrupted = False
@@ -256,10 +265,13 @@ def boxes(
                     n_done += 1
                     if res.error:
                         n_fail += 1
-                        bar.console.print(f"[yellow]warning[/]: {name}: {res.error}")
+                        _warn(bar.console, f"{name}: {res.error}")
                     n_boxes += len(res.detections)
                     if viz is not None and res.error is None:
-                        _save_viz(viz, name, res)
+                        try:
+                            _save_viz(viz, name, res, viz_stems)
+                        except OSError as e:
+                            _warn(bar.console, f"{name}: no --viz image: {_reason(e)}")
                     bar.update(task, advance=1, status=f"{n_boxes} boxes, {n_fail} failed")
             except KeyboardInterrupt:
                 interrupted = True
@@ -272,17 +284,17 @@ def boxes(
         f"({rate:.2f} img/s) -> {target}"
     )
     if interrupted:
-        err.print(f"interrupted: {msg} (run again with --resume to finish)")
+        _say(err, f"interrupted: {msg} (run again with --resume to finish)")
         raise typer.Exit(130)
     if dist.is_main:
-        err.print(msg)
+        _say(err, msg)
 
 
-def _save_viz(folder: Path, name: str, res) -> None:  # noqa: ANN001
+def _save_viz(folder: Path, name: str, res, stems: dict[str, str]) -> None:  # noqa: ANN001
+    from discover.outputs import unique_stem
     from discover.viz import draw_result, save_png
 
-    safe = name.replace("\\", "/").strip("/").replace("../", "").replace("/", "__")
-    stem = os.path.splitext(safe)[0] or "image"
+    stem = unique_stem(name, stems)  # a.jpg and a.png must not share a.png
     save_png(folder / f"{stem}.png", draw_result(res.extras["image"], res))
 
 
@@ -311,7 +323,9 @@ def eval_(
     no_hard: Annotated[
         bool, typer.Option("--no-hard", help="Drop difficult/truncated objects (VOC).")
     ] = False,
-    limit: Annotated[int | None, typer.Option("--limit", help="First N images only.")] = None,
+    limit: Annotated[
+        int | None, typer.Option("--limit", min=1, help="First N images only.")
+    ] = None,
     max_size: MaxSizeOpt = None,
     batch_size: BatchOpt = 1,
     device: DeviceOpt = "cpu",
@@ -329,7 +343,10 @@ def eval_(
     from discover.evaluate import EvalRun
     from discover.pipeline import Discoverer
 
-    ds = load_dataset(dataset, root, coco_list=coco_list, no_hard=no_hard, ann_file=ann_file)
+    try:
+        ds = load_dataset(dataset, root, coco_list=coco_list, no_hard=no_hard, ann_file=ann_file)
+    except ValueError as e:  # unknown dataset name, --no-hard with coco20k
+        raise UsageFailure(str(e)) from None
     if len(ds) == 0:
         raise UsageFailure(f"{dataset} at {root} has no image to evaluate")
     try:
@@ -339,21 +356,24 @@ def eval_(
     dist = DistContext.from_env(device)
     _setup_threads(threads)
     params = _method_params(method, k_patches, gram_bias, center, tau)
-    disc = Discoverer(
-        model,
-        checkpoint=str(checkpoint) if checkpoint else None,
-        method=method,
-        device=dist.device,
-        batch_size=batch_size,
-        features=features,
-        precision=precision,
-        max_size=max_size,
-        max_objects=max_objects,
-        min_score=min_score,
-        num_workers=workers,
-        test_time_registers=test_time_registers,
-        **params,
-    )
+    try:
+        disc = Discoverer(
+            model,
+            checkpoint=str(checkpoint) if checkpoint else None,
+            method=method,
+            device=dist.device,
+            batch_size=batch_size,
+            features=features,
+            precision=precision,
+            max_size=max_size,
+            max_objects=max_objects,
+            min_score=min_score,
+            num_workers=workers,
+            test_time_registers=test_time_registers,
+            **params,
+        )
+    except ValueError as e:  # a bad option value (features, device, k-patches...)
+        raise UsageFailure(str(e)) from None
     settings = {
         "model": model,
         "checkpoint": str(checkpoint) if checkpoint else None,
@@ -370,7 +390,7 @@ def eval_(
         "batch_size": batch_size,
         "device": str(disc.backbone.device),
     }
-    samples = list(ds)[:limit] if limit else list(ds)
+    samples = list(ds)[:limit] if limit is not None else list(ds)
     done = dist.prepare_output(out_dir / "boxes.jsonl", "jsonl", resume=resume)
     run = EvalRun(
         ds,
@@ -384,26 +404,134 @@ def eval_(
     n = len(run.samples)
     with progress_bar() as bar:
         task = bar.add_task(f"{ds.name} {method}", total=n, status="")
-        for rec in run.run():
-            if rec.record.get("error") and not rec.resumed:
-                bar.console.print(
-                    f"[yellow]warning[/]: {rec.record['image']}: {rec.record['error']}"
+        records = run.run()
+        try:
+            for rec in records:
+                if rec.record.get("error") and not rec.resumed:
+                    _warn(bar.console, f"{rec.record['image']}: {rec.record['error']}")
+                acc = run.acc
+                bar.update(
+                    task,
+                    advance=1,
+                    status=f"CorLoc {100 * acc.corloc:.2f} ({acc.correct}/{acc.total})",
                 )
-            acc = run.acc
-            bar.update(
-                task,
-                advance=1,
-                status=f"CorLoc {100 * acc.corloc:.2f} ({acc.correct}/{acc.total})",
+        except KeyboardInterrupt:
+            records.close()  # flushes and closes boxes.jsonl
+            _say(
+                err,
+                f"interrupted after {run.acc.total} images, kept in {run.boxes_path} "
+                "(run again with --resume to finish)",
             )
+            raise typer.Exit(130) from None
     acc = dist.merge_eval(out_dir, run, samples)
     if dist.is_main:
         path = run.write_summary()
         acc = run.acc
-        err.print(
+        _say(
+            err,
             f"{ds.name}: CorLoc {100 * acc.corloc:.2f} ({acc.correct}/{acc.total}), "
             f"object recall {100 * acc.recall:.2f}, {len(acc.failures)} failures, "
-            f"{run.elapsed:.1f} s -> {path}"
+            f"{run.elapsed:.1f} s -> {path}",
         )
+
+
+@app.command()
+def inspect(
+    paths: Annotated[
+        list[Path], typer.Argument(help="Image files or folders.", show_default=False)
+    ],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path(
+        "out/inspect"
+    ),
+    model: ModelOpt = DEFAULT_MODEL,
+    checkpoint: CheckpointOpt = None,
+    compare: Annotated[
+        str | None, typer.Option("--compare", help="A second model, side by side.")
+    ] = None,
+    compare_checkpoint: Annotated[
+        Path | None, typer.Option("--compare-checkpoint", help="Weights of --compare.")
+    ] = None,
+    test_time_registers: Annotated[
+        str | None,
+        typer.Option(
+            "--test-time-registers",
+            help="Add test-time registers ('auto' or a neuron JSON) to --model; without "
+            "--compare, the same model without them is shown beside it (before/after).",
+        ),
+    ] = None,
+    threshold: Annotated[
+        str, typer.Option("--threshold", help="Outlier norm cutoff: a number or 'auto'.")
+    ] = "auto",
+    max_size: MaxSizeOpt = None,
+    device: DeviceOpt = "cpu",
+    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Descend folders.")] = False,
+) -> None:
+    """Token norms, outliers, [CLS] attention and LOST's degree map, per image (PNG + CSV)."""
+    from discover.backbone import Backbone
+    from discover.inspection import inspect_images, summarize
+    from discover.pipeline import iter_image_paths
+
+    try:
+        files = iter_image_paths(paths, recursive=recursive)
+    except FileNotFoundError as e:
+        raise UsageFailure(str(e)) from None
+    if not files:
+        raise UsageFailure(f"no images found in {', '.join(str(p) for p in paths)}")
+    thr: float | str = threshold
+    if threshold != "auto":
+        try:
+            thr = float(threshold)
+        except ValueError:
+            msg = f"--threshold must be a number or 'auto', got {threshold!r}"
+            raise UsageFailure(msg) from None
+
+    def load(name: str, ckpt: Path | None, ttr: str | None) -> tuple[str, Backbone]:
+        bb = Backbone(
+            name, checkpoint=str(ckpt) if ckpt else None, device=device, max_size=max_size
+        )
+        if ttr is None:
+            return name, bb
+        from discover.registers import attach_test_time_registers
+
+        attach_test_time_registers(bb, ttr)
+        return f"{name} + test-time registers", bb
+
+    backbones = [load(model, checkpoint, test_time_registers)]
+    if compare is not None:
+        backbones.append(load(compare, compare_checkpoint, None))
+    elif test_time_registers is not None:
+        backbones.insert(0, load(model, checkpoint, None))
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageFailure(f"cannot create output folder {out_dir}: {_reason(e)}") from None
+    with progress_bar() as bar:
+        task = bar.add_task("inspecting", total=len(files), status="")
+
+        def progress(done: int, total: int, rows: list[dict]) -> None:
+            for r in rows:
+                if r.get("error"):
+                    bar.console.print(f"[yellow]warning[/]: {r['image']}: {r['error']}")
+            bar.update(task, completed=done)
+
+        rows = inspect_images(
+            [str(f) for f in files], backbones, out_dir, threshold=thr, progress=progress
+        )
+    table = Table(title=f"Token norms over {len(files)} image(s) (threshold: {threshold})")
+    table.add_column("model", overflow="fold")
+    for col in ("images", "outlier fraction", "images with outliers", "max", "median"):
+        table.add_column(col, justify="right")
+    for s in summarize(rows):
+        table.add_row(
+            s["model"],
+            str(s["images"]),
+            f"{100 * s['mean_outlier_fraction']:.2f}%",
+            str(s["images_with_outliers"]),
+            f"{s['max_norm']:.1f}",
+            f"{s['median_norm']:.1f}",
+        )
+    out.print(table)
+    err.print(f"figures and norms.csv -> {out_dir}")
 
 
 @app.command()
@@ -417,6 +545,16 @@ def models() -> None:
     out.print(table)
 
 
+def _say(console: Console, text: str, label: str = "") -> None:
+    """Print one line: ``label`` (rich markup), then ``text`` taken literally (a file name
+    such as ``[draft].jpg`` is not markup) and never wrapped, so logs keep one line each."""
+    console.print(label + escape(text), soft_wrap=True)
+
+
+def _warn(console: Console, text: str) -> None:
+    _say(console, text, "[yellow]warning[/]: ")
+
+
 def _reason(e: BaseException) -> str:
     if isinstance(e, OSError) and e.strerror:
         return e.strerror
@@ -424,27 +562,25 @@ def _reason(e: BaseException) -> str:
 
 
 def main() -> None:
-    """Console-script entry point: every expected failure is one line, exit code 2."""
-    try:
-        app(standalone_mode=False)
-    except (UsageFailure, RegdiscoverError) as e:
-        err.print(f"[red]error[/]: {e}")
-        sys.exit(2)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except typer.Abort:
-        err.print("aborted")
-        sys.exit(130)
-    except KeyboardInterrupt:
-        err.print("interrupted")
-        sys.exit(130)
-    except Exception as e:  # click usage errors
-        import click
+    """Console-script entry point: every expected failure is one line, exit code 2.
 
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        raise
+    Typer runs in standalone mode, so its own usage errors (unknown option, missing
+    argument, bad value) print their message and exit with 2, and ``typer.Exit(code)``
+    and Ctrl-C (130) keep their exit codes. Our errors, raised from a command, come
+    out of ``app()`` as exceptions and are reported here as one line.
+    """
+    try:
+        app()  # always ends in SystemExit when nothing is raised
+    except (UsageFailure, RegdiscoverError) as e:
+        _say(err, str(e), "[red]error[/]: ")
+        sys.exit(2)
+    except OSError as e:  # the environment failed us mid-run (disk full, lost mount...)
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        _say(err, f"{where}{_reason(e)}", "[red]error[/]: ")
+        sys.exit(2)
+    except KeyboardInterrupt:
+        _say(err, "interrupted")
+        sys.exit(130)
 
 
 if __name__ == "__main__":  # pragma: no cover
