@@ -160,6 +160,22 @@ def resolve_gram_bias(A: torch.Tensor, bias: float | str) -> float:
     return value
 
 
+def _off_diagonal_std(A: torch.Tensor) -> float:
+    """Population standard deviation of the off-diagonal entries of ``A``.
+
+    From float64 sums (no copy of the ``N x N`` matrix): this runs once per image.
+    """
+    n = A.shape[0]
+    m = n * (n - 1)
+    if m == 0:
+        return 0.0
+    diag = A.diagonal().double()
+    s1 = float(A.sum(dtype=torch.float64) - diag.sum())
+    s2 = float(torch.linalg.vector_norm(A, dtype=torch.float64) ** 2 - (diag * diag).sum())
+    mean = s1 / m
+    return math.sqrt(max(s2 / m - mean * mean, 0.0))
+
+
 def _confidence(
     A: torch.Tensor, M: torch.Tensor, inside: torch.Tensor, similars: torch.Tensor
 ) -> float:
@@ -174,7 +190,7 @@ def _confidence(
     evidence[similars] -= A.diagonal()[similars]
     positive = evidence.clamp(min=0)
     total = float(positive.sum())
-    sigma = float(_off_diagonal(A).std(correction=0))
+    sigma = _off_diagonal_std(A)
     if not (total > 0.0 and sigma > 0.0 and math.isfinite(total) and math.isfinite(sigma)):
         return 0.0
     share = float(positive[inside].sum()) / total
@@ -262,9 +278,10 @@ def lost(
     if keep_idx.numel() == 0:
         raise EmptyGraphError("every patch is excluded, nothing left to discover")
 
-    F = feats[keep_idx].float()
-    if not bool(torch.isfinite(F).all()):
-        raise ValueError("feats contain NaN or infinite values")
+    F = (feats if exclude is None else feats[keep_idx]).float()
+    # One reduction instead of an elementwise pass: a NaN or inf anywhere reaches the sum.
+    if not bool(torch.isfinite(F.sum())):
+        raise ValueError("feats contain NaN or infinite values (or overflow float32)")
     if center:
         F = F - F.mean(dim=0, keepdim=True)
 
