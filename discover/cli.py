@@ -534,15 +534,85 @@ def inspect(
     err.print(f"figures and norms.csv -> {out_dir}")
 
 
+@app.command("find-registers")
+def find_registers(
+    paths: Annotated[
+        list[Path], typer.Argument(help="Image files or folders.", show_default=False)
+    ],
+    out_file: Annotated[Path, typer.Option("--out", "-o", help="Neuron JSON to write.")],
+    model: ModelOpt = DEFAULT_MODEL,
+    checkpoint: CheckpointOpt = None,
+    layer: Annotated[
+        int | None, typer.Option("--layer", help="Block whose output norms define outliers.")
+    ] = None,
+    threshold: Annotated[
+        str,
+        typer.Option("--threshold", help="Outlier norm: a number, 'auto' or 'quantile:Q'."),
+    ] = "auto",
+    top_k: Annotated[int, typer.Option("--top-k", help="Neurons to keep.")] = 10,
+    max_layer: Annotated[
+        int | None, typer.Option("--max-layer", help="Last block whose neurons may be kept.")
+    ] = None,
+    max_size: MaxSizeOpt = None,
+    device: DeviceOpt = "cpu",
+    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Descend folders.")] = False,
+) -> None:
+    """Find the register neurons of a model without registers (for --test-time-registers)."""
+    from discover.backbone import Backbone
+    from discover.images import read_image
+    from discover.pipeline import iter_image_paths
+    from discover.registers import find_register_neurons
+
+    try:
+        files = iter_image_paths(paths, recursive=recursive)
+    except FileNotFoundError as e:
+        raise UsageFailure(str(e)) from None
+    if not files:
+        raise UsageFailure(f"no images found in {', '.join(str(p) for p in paths)}")
+    thr: float | str = threshold
+    try:
+        thr = float(threshold)
+    except ValueError:
+        pass
+    bb = Backbone(
+        model, checkpoint=str(checkpoint) if checkpoint else None, device=device, max_size=max_size
+    )
+    images = []
+    for f in files:
+        try:
+            images.append(read_image(f).array)
+        except RegdiscoverError as e:
+            err.print(f"[yellow]warning[/]: {f}: {e} (skipped)")
+    found = find_register_neurons(
+        bb, images, layer=layer, threshold=thr, top_k=top_k, max_layer=max_layer
+    )
+    found.images = [f.as_posix() for f in files]
+    found.model = model
+    try:
+        found.save(out_file)
+    except OSError as e:
+        raise UsageFailure(f"cannot write {out_file}: {_reason(e)}") from None
+    layers = sorted({layer for layer, _ in found.neurons})
+    err.print(
+        f"{len(found.neurons)} register neurons in blocks {layers} "
+        f"(outliers: block {found.layer}, norm > {found.threshold:.2f}) -> {out_file}"
+    )
+
+
 @app.command()
 def models() -> None:
     """List the supported models (patch size, width, registers)."""
+    specs = list_models()
     table = Table(title="Supported models (any timm ViT name also works)")
-    for col in ("model", "family", "patch", "dim", "registers", "note"):
+    # Names are what users copy: never truncated, even on a narrow or piped console.
+    table.add_column("model", no_wrap=True, min_width=max(len(s.name) for s in specs))
+    for col in ("family", "patch", "dim", "registers", "note"):
         table.add_column(col)
-    for s in list_models():
+    for s in specs:
         table.add_row(s.name, s.family, str(s.patch_size), str(s.dim), str(s.registers), s.note)
-    out.print(table)
+    # Piped or captured output has no width of its own: do not squeeze it into 80 columns.
+    console = out if out.is_terminal else Console(highlight=False, width=150)
+    console.print(table)
 
 
 def _say(console: Console, text: str, label: str = "") -> None:
