@@ -108,6 +108,7 @@ class EvalRun:
         rate = self.processed / self.elapsed if self.elapsed > 0 else None
         return {
             "dataset": self.dataset.name,
+            "model": self.settings.get("model", self.discoverer.backbone.name),
             "split_size": len(self.dataset),
             "evaluated": self.acc.total,
             "correct": self.acc.correct,

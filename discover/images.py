@@ -8,7 +8,7 @@ Conventions:
 
 - EXIF orientation is applied, so every box refers to the upright image.
 - Grayscale, palette and CMYK become RGB; 16-bit images are scaled to 8 bits
-  (``v / 257``); float images are min-max scaled.
+  (``v / 257``); arrays follow :func:`to_rgb_array`'s dtype rules.
 - Alpha is composited over white.
 - Images above ``max_pixels`` are refused (decompression-bomb guard) unless a
   ``max_side`` is given, in which case JPEGs are decoded at a reduced scale
@@ -19,7 +19,7 @@ Conventions:
 from __future__ import annotations
 
 import os
-import warnings
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +36,10 @@ HARD_MAX_PIXELS = 1_500_000_000
 """Refused even with ``max_side``: decoding would need several GB."""
 
 _ORIENTATION_SWAPS = {5, 6, 7, 8}
+
+# Pillow's own bomb guard is a module global: it is lifted only while a header is parsed,
+# under this lock, so that concurrent decoding threads cannot leave it lifted for good.
+_PIL_GUARD_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True, eq=False)
@@ -110,7 +114,11 @@ def read_image(
 def to_rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
     """Convert a PIL image or an array (HxW, HxWx1/3/4, uint8/uint16/float) to RGB uint8.
 
-    PIL images get their EXIF orientation applied. Arrays are taken as RGB(A).
+    PIL images get their EXIF orientation applied. Arrays are taken as RGB(A), alpha
+    composited over white. Values: ``uint8`` as is; ``uint16`` as 16-bit (``v / 257``);
+    other integer arrays as 8-bit when they fit 0..255 (e.g. ``int64`` from arithmetic),
+    else as 16-bit; floats in ``[0, 1]`` are scaled by 255 and floats in ``[0, 255]``
+    rounded; other ranges are min-max scaled.
     """
     if isinstance(image, Image.Image):
         image = ImageOps.exif_transpose(image)
@@ -129,35 +137,35 @@ def to_rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
 
 
 def _decode(fileobj, *, max_side: int | None, max_pixels: int) -> LoadedImage:
-    with warnings.catch_warnings():
-        # We apply our own guard below; silence PIL's generic bomb warning.
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    # We apply our own guard below (it knows about max_side), so Pillow's is lifted while
+    # the header is read. Mutating that global is not thread-safe: hold a lock.
+    with _PIL_GUARD_LOCK:
         saved = Image.MAX_IMAGE_PIXELS
         Image.MAX_IMAGE_PIXELS = None
         try:
             img = Image.open(fileobj)
         finally:
             Image.MAX_IMAGE_PIXELS = saved
-        w, h = img.size
-        if w < 1 or h < 1:
-            raise ImageError(f"invalid image size {w}x{h}")
-        pixels = w * h
-        if pixels > HARD_MAX_PIXELS or (max_side is None and pixels > max_pixels):
-            hint = "" if max_side is not None else "; pass --max-size to downscale it"
-            raise ImageError(
-                f"too large: {w}x{h} = {pixels / 1e6:.0f} MP exceeds the "
-                f"{(max_pixels if max_side is None else HARD_MAX_PIXELS) / 1e6:.0f} MP "
-                f"decompression-bomb guard{hint}"
-            )
-        orientation = _orientation(img)
-        original = (h, w) if orientation in _ORIENTATION_SWAPS else (w, h)
-        if max_side is not None and max(w, h) > max_side and img.format == "JPEG":
-            # Decode at 1/2, 1/4 or 1/8 scale straight from the DCT: fast and small.
-            scale = max_side / max(w, h)
-            img.draft("RGB", (max(1, int(w * scale)), max(1, int(h * scale))))
-        img.load()
-        img = ImageOps.exif_transpose(img)
-        arr = _pil_to_rgb(img)
+    w, h = img.size
+    if w < 1 or h < 1:
+        raise ImageError(f"invalid image size {w}x{h}")
+    pixels = w * h
+    if pixels > HARD_MAX_PIXELS or (max_side is None and pixels > max_pixels):
+        hint = "" if max_side is not None else "; pass --max-size to downscale it"
+        raise ImageError(
+            f"too large: {w}x{h} = {pixels / 1e6:.0f} MP exceeds the "
+            f"{(max_pixels if max_side is None else HARD_MAX_PIXELS) / 1e6:.0f} MP "
+            f"decompression-bomb guard{hint}"
+        )
+    orientation = _orientation(img)
+    original = (h, w) if orientation in _ORIENTATION_SWAPS else (w, h)
+    if max_side is not None and max(w, h) > max_side and img.format == "JPEG":
+        # Decode at 1/2, 1/4 or 1/8 scale straight from the DCT: fast and small.
+        scale = max_side / max(w, h)
+        img.draft("RGB", (max(1, int(w * scale)), max(1, int(h * scale))))
+    img.load()
+    img = ImageOps.exif_transpose(img)
+    arr = _pil_to_rgb(img)
     if max_side is not None and max(arr.shape[:2]) > max_side:
         arr = resize_longer_side(arr, max_side)
     return LoadedImage(arr, (int(original[0]), int(original[1])))
@@ -183,7 +191,8 @@ def _orientation(img: Image.Image) -> int:
 def _pil_to_rgb(img: Image.Image) -> np.ndarray:
     mode = img.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        arr = _to_uint8(np.asarray(img))
+        # PIL decodes 16-bit PNG/TIFF data into these modes: scale the full 16-bit range.
+        arr = _to_uint8(np.asarray(img), sixteen_bit=mode != "F")
         return np.ascontiguousarray(np.repeat(arr[:, :, None], 3, axis=2))
     if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info):
         rgba = np.asarray(img.convert("RGBA"))
@@ -193,23 +202,47 @@ def _pil_to_rgb(img: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
 
 
-def _to_uint8(arr: np.ndarray) -> np.ndarray:
+def _to_uint8(arr: np.ndarray, *, sixteen_bit: bool = False) -> np.ndarray:
+    """Map any numeric array to uint8.
+
+    - ``uint8`` as is, ``bool`` to 0/255;
+    - ``uint16`` (or ``sixteen_bit``, for PIL's 16-bit modes) as 16-bit data: ``v / 257``;
+    - other integers: kept when all values lie in 0..255 (an 8-bit image in a wider
+      dtype), read as 16-bit when they lie in 0..65535, min-max scaled otherwise;
+    - floats: ``[0, 1]`` scaled by 255, ``[0, 255]`` rounded, anything else min-max
+      scaled; NaN and infinities become 0.
+    """
     if arr.dtype == np.uint8:
         return arr
     if arr.dtype == bool:
         return arr.astype(np.uint8) * 255
     if np.issubdtype(arr.dtype, np.integer):
-        # 16-bit data (PIL exposes 16-bit PNGs as I;16 or 32-bit I).
-        return np.clip(np.rint(arr.astype(np.float64) / 257.0), 0, 255).astype(np.uint8)
+        lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
+        if arr.dtype == np.uint16 or (sixteen_bit and lo >= 0):
+            return np.clip(np.rint(arr.astype(np.float64) / 257.0), 0, 255).astype(np.uint8)
+        if lo >= 0 and hi <= 255:
+            return arr.astype(np.uint8)
+        if lo >= 0 and hi <= 65535:
+            return np.rint(arr.astype(np.float64) / 257.0).astype(np.uint8)
+        arr = arr.astype(np.float64)
+        return _minmax_uint8(arr, np.ones(arr.shape, dtype=bool))
     arr = arr.astype(np.float64)
     finite = np.isfinite(arr)
     if not finite.any():
         raise ImageError("image has no finite pixel values")
     lo, hi = float(arr[finite].min()), float(arr[finite].max())
     if lo >= 0.0 and hi <= 1.0:
-        scaled = arr
+        scaled = np.where(finite, arr, 0.0) * 255.0
+    elif lo >= 0.0 and hi <= 255.0:
+        scaled = np.where(finite, arr, 0.0)
     else:
-        scaled = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+        return _minmax_uint8(arr, finite)
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def _minmax_uint8(arr: np.ndarray, finite: np.ndarray) -> np.ndarray:
+    lo, hi = float(arr[finite].min()), float(arr[finite].max())
+    scaled = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
     scaled = np.where(finite, scaled, 0.0)
     return np.clip(np.rint(scaled * 255.0), 0, 255).astype(np.uint8)
 

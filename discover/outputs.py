@@ -217,20 +217,23 @@ class CsvWriter(Writer):
     def __init__(self, path: Path, *, resume: bool = False) -> None:
         super().__init__(path, resume=resume)
         path.parent.mkdir(parents=True, exist_ok=True)
-        if resume and path.exists() and path.stat().st_size > 0:
-            text = path.read_text(encoding="utf-8")
-            if not text.endswith("\n"):  # drop a torn last row
-                text = text[: text.rfind("\n") + 1]
-                path.write_text(text, encoding="utf-8")
-            rows = list(csv.DictReader(io.StringIO(text)))
+        kept = b""
+        if resume and path.exists():
+            data = path.read_bytes()
+            kept = data[: data.rfind(b"\n") + 1]  # drop a torn last row
+            text = kept.decode("utf-8")
+            header = text.splitlines()[0] if text else ""
+            if header and header.split(",") != CSV_FIELDS:
+                raise ValueError(f"cannot resume from {path}: not a regdiscover CSV file")
+            rows = list(csv.DictReader(io.StringIO(text, newline="")))
             self.done = {r["image"] for r in rows}
-            self._f = open(path, "a", encoding="utf-8", newline="")
-            self._w = csv.DictWriter(self._f, CSV_FIELDS)
-        else:
-            self._f = open(path, "w", encoding="utf-8", newline="")
-            self._w = csv.DictWriter(self._f, CSV_FIELDS)
+            with open(path, "r+b") as f:
+                f.truncate(len(kept))
+        self._f = open(path, "a" if kept else "w", encoding="utf-8", newline="")
+        self._w = csv.DictWriter(self._f, CSV_FIELDS)
+        if not kept:  # new file, or nothing but a torn header: start with the header
             self._w.writeheader()
-            self._f.flush()
+        self._f.flush()
 
     def write(self, record: dict[str, Any]) -> None:
         base = {
@@ -240,12 +243,18 @@ class CsvWriter(Writer):
             "error": record["error"] or "",
         }
         seed = record["seed"] or ["", ""]
+        rows = []
         if not record["boxes"]:
-            self._w.writerow(base)
+            rows.append(base)
         for box, score in zip(record["boxes"], record["scores"], strict=True):
             row = dict(base, x0=box[0], y0=box[1], x1=box[2], y1=box[3], score=score)
             row.update(seed_row=seed[0], seed_col=seed[1])
-            self._w.writerow(row)
+            rows.append(row)
+        # All the rows of one image in one write: an interruption cannot leave an image
+        # with only some of its boxes behind a complete line.
+        buf = io.StringIO(newline="")
+        csv.DictWriter(buf, CSV_FIELDS).writerows(rows)
+        self._f.write(buf.getvalue())
         self._f.flush()
         self.done.add(record["image"])
         self.count += 1
@@ -264,18 +273,21 @@ class VocWriter(Writer):
             raise ValueError(f"--format voc writes a folder of XML files; {path} is a file")
         path.mkdir(parents=True, exist_ok=True)
         self._index = path / "index.jsonl"
+        self._stems: dict[str, str] = {}
+        """XML stem -> image name, so that ``a.jpg`` and ``a.png`` get different files."""
         if resume and self._index.exists():
             self.done, valid = read_jsonl_done(self._index)
             with open(self._index, "r+b") as f:
                 f.truncate(valid)
+            for rec in read_jsonl(self._index):
+                self._stems[os.path.splitext(str(rec.get("xml", "")))[0]] = rec.get("image")
         elif self._index.exists():
             self._index.unlink()
         self._f = open(self._index, "a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
         name = record["image"]
-        stem = name.replace("\\", "/").strip("/").replace("/", "__")
-        stem = os.path.splitext(stem)[0] or "image"
+        stem = unique_stem(name, self._stems)
         root = ET.Element("annotation")
         ET.SubElement(root, "filename").text = name
         size = ET.SubElement(root, "size")
@@ -302,6 +314,23 @@ class VocWriter(Writer):
     def close(self) -> None:
         if not self._f.closed:
             self._f.close()
+
+
+def unique_stem(name: str, used: dict[str, str]) -> str:
+    """A flat file stem for image ``name``, unique among ``used`` (stem -> name; updated).
+
+    ``photos/a.jpg`` becomes ``photos__a``; when another image already owns that stem
+    (``photos/a.png``), the extension is kept: ``photos__a.png``, then a counter.
+    """
+    flat = name.replace("\\", "/").strip("/").replace("../", "").replace("/", "__")
+    base, ext = os.path.splitext(flat)
+    candidates = [base or "image", f"{base or 'image'}{ext}"]
+    candidates += [f"{candidates[1]}-{i}" for i in range(2, len(used) + 3)]
+    for stem in candidates:
+        if used.get(stem, name) == name:
+            used[stem] = name
+            return stem
+    raise AssertionError("unreachable: there are more candidates than used stems")
 
 
 def _voc_coords(box: list[float]) -> list[int]:

@@ -152,6 +152,7 @@ class Discoverer:
         self.method = method
         name = backbone.name if backbone is not None else model
         self.method_params = method_defaults(method, name, method_params)
+        _check_options(method, self.method_params, max_objects, min_score, iou_threshold)
         self.batch_size = batch_size
         self.max_objects = max_objects
         self.min_score = min_score
@@ -199,7 +200,7 @@ class Discoverer:
             item = self._prepare(name, loaded)
         except RegdiscoverError as e:
             return ImageResult(name, error=str(e))
-        return self._run_batch([item])[0]
+        return self._run_safely([item])[0]
 
     def run(self, paths: Iterable[str | os.PathLike[str]]) -> Iterator[ImageResult]:
         """Yield one :class:`ImageResult` per path, in order, as batches finish.
@@ -263,7 +264,7 @@ class Discoverer:
         for idx in buckets.values():
             for s in range(0, len(idx), self.batch_size):
                 chunk = idx[s : s + self.batch_size]
-                for i, r in zip(chunk, self._run_batch([items[i] for i in chunk]), strict=True):
+                for i, r in zip(chunk, self._run_safely([items[i] for i in chunk]), strict=True):
                     out[i] = r
                 while ready < len(out) and out[ready] is not None:
                     yield out[ready]
@@ -271,6 +272,18 @@ class Discoverer:
         while ready < len(out):
             yield out[ready]
             ready += 1
+
+    def _run_safely(self, items: list[tuple[str, Prepared]]) -> list[ImageResult]:
+        """:meth:`_run_batch`, but a batch that fails (e.g. out of memory) is retried image
+        by image, and an image that still fails gets an error result: the run goes on."""
+        try:
+            return self._run_batch(items)
+        except Exception as e:  # noqa: BLE001 - one image must never stop the run
+            if len(items) > 1:
+                return [r for item in items for r in self._run_safely([item])]
+            text = str(e).strip()
+            error = f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+            return [ImageResult(items[0][0], error=error)]
 
     def _run_batch(self, items: list[tuple[str, Prepared]]) -> list[ImageResult]:
         bb = self.backbone
@@ -305,8 +318,11 @@ class Discoverer:
                 iou_threshold=self.iou_threshold,
                 **self.method_params,
             )
-        except (EmptyGraphError, ValueError) as e:
+        except EmptyGraphError as e:
             res.error = f"no object found: {e}"
+            return res
+        except ValueError as e:  # e.g. non-finite features (fp16 overflow)
+            res.error = f"discovery failed: {e}"
             return res
         w = grid[1]
         for o in objs:
@@ -321,6 +337,34 @@ class Discoverer:
                 )
             )
         return res
+
+
+def _check_options(
+    method: str,
+    params: dict[str, Any],
+    max_objects: int,
+    min_score: float | None,
+    iou_threshold: float,
+) -> None:
+    """Run the method once on a tiny random graph, so that a misspelt or out-of-range
+    option fails now with one clear error instead of once per image."""
+    if "exclude" in params:  # sized for real images: cannot be tried on a 3x3 grid
+        return
+    feats = torch.randn(9, 8, generator=torch.Generator().manual_seed(0))
+    try:
+        discover_objects(
+            feats,
+            (3, 3),
+            method=method,
+            max_objects=max_objects,
+            min_score=min_score,
+            iou_threshold=iou_threshold,
+            **params,
+        )
+    except EmptyGraphError:
+        pass
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"invalid options for {method}: {e}") from None
 
 
 def discover(
@@ -344,19 +388,20 @@ def iter_image_paths(
 
     Folders contribute their files with a supported extension (case-insensitive), recursively
     with ``recursive``. Files named explicitly are kept whatever their extension (so a bad
-    file yields an error record rather than silently vanishing). Missing paths raise.
+    file yields an error record rather than silently vanishing). Missing paths raise. A file
+    reached twice (named and inside a named folder) is listed once, where first met.
     """
     from discover.images import is_image_file
 
-    out: list[Path] = []
+    out: dict[Path, None] = {}
     for raw in paths:
         p = Path(raw)
         if p.is_dir():
             it = p.rglob("*") if recursive else p.iterdir()
             found = sorted(q for q in it if (q.is_file() or q.is_symlink()) and is_image_file(q))
-            out.extend(found)
+            out.update(dict.fromkeys(found))
         elif p.exists() or p.is_symlink():
-            out.append(p)
+            out[p] = None
         else:
             raise FileNotFoundError(f"no such file or folder: {p}")
-    return out
+    return list(out)
