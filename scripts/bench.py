@@ -109,7 +109,7 @@ def bench_naive(model: torch.nn.Module, paths: list[Path], patch: int, device) -
         x = padded.to(device)
         feat_out = {}
         hook = model.blocks[-1].attn.qkv.register_forward_hook(
-            lambda m, i, o: feat_out.__setitem__("qkv", o)
+            lambda m, i, o, store=feat_out: store.__setitem__("qkv", o)
         )
         with torch.no_grad():
             model.forward_features(x[None])
