@@ -34,6 +34,7 @@ from discover.weights import create_vit
 FEATURE_KINDS = ("keys", "queries", "values", "tokens")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEFAULT_MODEL = "vit_small_patch14_reg4_dinov2.lvd142m"
+DEFAULT_MAX_PATCHES = 9216
 OFFLINE_MODEL = "vit_small_patch14_dinov2.imgfocus"
 
 
@@ -126,6 +127,11 @@ class Backbone(nn.Module):
         device: ``cpu``, ``cuda``, ``cuda:1``...
         precision: ``fp32``, ``bf16`` (CPU and GPU) or ``fp16`` (GPU).
         max_size: resize so the longer side is at most this many pixels.
+        max_patches: patch budget for images at native size (``max_size`` unset): a larger
+            image is downscaled until its padded grid fits (default 9216, i.e. 96x96
+            patches, 1344 px squares at patch 14; LOST's gram matrix then stays below
+            about 350 MB). ``None`` disables the budget. Benchmark images (VOC, COCO:
+            at most 640 px) are far below it and keep their native size.
         model: an already built timm ViT (then ``name`` is only a label).
     """
 
@@ -139,6 +145,7 @@ class Backbone(nn.Module):
         device: str | torch.device = "cpu",
         precision: str = "fp32",
         max_size: int | None = None,
+        max_patches: int | None = DEFAULT_MAX_PATCHES,
         model: nn.Module | None = None,
     ) -> None:
         super().__init__()
@@ -146,9 +153,12 @@ class Backbone(nn.Module):
             raise ValueError(f"features must be one of {FEATURE_KINDS}, got {features!r}")
         if max_size is not None and max_size < 1:
             raise ValueError(f"max_size must be positive, got {max_size}")
+        if max_patches is not None and max_patches < 1:
+            raise ValueError(f"max_patches must be positive, got {max_patches}")
         self.name = name
         self.features = features
         self.max_size = max_size
+        self.max_patches = max_patches
         if model is None:
             offline = "imgfocus" if name == OFFLINE_MODEL else None
             model = create_vit(
@@ -206,8 +216,18 @@ class Backbone(nn.Module):
                 f"{self.patch_size} patch"
             )
         arr = image
-        if self.max_size is not None:
-            nw, nh = target_size(w, h, self.max_size, self.patch_size)
+        p = self.patch_size
+        limit = self.max_size
+        if limit is None and self.max_patches is not None:
+            cells = math.ceil(h / p) * math.ceil(w / p)
+            if cells > self.max_patches:
+                # Longer side such that the padded grid fits the budget (aspect kept).
+                s = math.sqrt(self.max_patches / cells)
+                limit = max(p, int(max(h, w) * s) // p * p)
+                while _cells(*target_size(w, h, limit, p), p) > self.max_patches and limit > p:
+                    limit -= p
+        if limit is not None:
+            nw, nh = target_size(w, h, limit, p)
             if (nw, nh) != (w, h):
                 interp = cv2.INTER_AREA if nw * nh < w * h else cv2.INTER_CUBIC
                 arr = cv2.resize(image, (nw, nh), interpolation=interp)
@@ -326,6 +346,10 @@ class Backbone(nn.Module):
             return nullcontext()
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
+
+
+def _cells(w: int, h: int, p: int) -> int:
+    return math.ceil(h / p) * math.ceil(w / p)
 
 
 def target_size(w: int, h: int, max_size: int, patch_size: int) -> tuple[int, int]:

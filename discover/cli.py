@@ -107,6 +107,13 @@ MinScoreOpt = Annotated[
 MaxSizeOpt = Annotated[
     int | None, typer.Option("--max-size", help="Resize so the longer side is <= S pixels.")
 ]
+MaxPatchesOpt = Annotated[
+    int,
+    typer.Option(
+        "--max-patches",
+        help="Without --max-size, downscale images whose patch grid exceeds this (0: never).",
+    ),
+]
 BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", help="Images per forward pass.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N.")]
 PrecisionOpt = Annotated[
@@ -183,6 +190,7 @@ def boxes(
     max_objects: MaxObjOpt = 1,
     min_score: MinScoreOpt = None,
     max_size: MaxSizeOpt = None,
+    max_patches: MaxPatchesOpt = 9216,
     batch_size: BatchOpt = 1,
     device: DeviceOpt = "cpu",
     precision: PrecisionOpt = "fp32",
@@ -243,6 +251,7 @@ def boxes(
                 features=features,
                 precision=precision,
                 max_size=max_size,
+                max_patches=max_patches or None,
                 max_objects=max_objects,
                 min_score=min_score,
                 num_workers=workers,
@@ -327,6 +336,7 @@ def eval_(
         int | None, typer.Option("--limit", min=1, help="First N images only.")
     ] = None,
     max_size: MaxSizeOpt = None,
+    max_patches: MaxPatchesOpt = 9216,
     batch_size: BatchOpt = 1,
     device: DeviceOpt = "cpu",
     precision: PrecisionOpt = "fp32",
@@ -366,6 +376,7 @@ def eval_(
             features=features,
             precision=precision,
             max_size=max_size,
+            max_patches=max_patches or None,
             max_objects=max_objects,
             min_score=min_score,
             num_workers=workers,

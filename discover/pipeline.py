@@ -24,7 +24,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from discover.backbone import DEFAULT_MODEL, Backbone, Prepared, model_family
+from discover.backbone import (
+    DEFAULT_MAX_PATCHES,
+    DEFAULT_MODEL,
+    Backbone,
+    Prepared,
+    model_family,
+)
 from discover.boxes import patch_box_to_pixels
 from discover.errors import ImageError, RegdiscoverError
 from discover.images import DEFAULT_MAX_PIXELS, LoadedImage, read_image, to_rgb_array
@@ -108,6 +114,8 @@ class Discoverer:
         features: ``keys`` (default), ``queries``, ``values`` or ``tokens``.
         precision: ``fp32``, ``bf16`` or ``fp16``.
         max_size: resize so the longer side is at most this many pixels.
+        max_patches: without ``max_size``, downscale images whose patch grid would exceed
+            this budget (default 9216 patches; ``None``: never).
         max_objects: objects per image (1 = the single-object method, exactly).
         min_score: drop objects scoring below this (abstain).
         iou_threshold: overlapping objects above this IoU are reported once.
@@ -133,6 +141,7 @@ class Discoverer:
         features: str = "keys",
         precision: str = "fp32",
         max_size: int | None = None,
+        max_patches: int | None = DEFAULT_MAX_PATCHES,
         max_objects: int = 1,
         min_score: float | None = None,
         iou_threshold: float = 0.5,
@@ -169,6 +178,7 @@ class Discoverer:
                 device=device,
                 precision=precision,
                 max_size=max_size,
+                max_patches=max_patches,
             )
         self.backbone = backbone
         self.test_time_registers = None

@@ -276,3 +276,16 @@ def test_model_list_is_consistent_with_timm() -> None:
         cfg = timm.models.get_pretrained_cfg(spec.name.replace(".", ".", 1))
         assert cfg is not None, spec.name
         assert timm.is_model(spec.arch), spec.name
+
+
+def test_patch_budget_downscales_huge_images_only() -> None:
+    bb = Backbone("vit_small_patch14_dinov2", pretrained=False, max_patches=400)
+    small = bb.prepare(_rand_image(200, 280))  # 15 x 20 = 300 patches: native size
+    assert small.input_size == (280, 200) and small.scale == (1.0, 1.0)
+    big = bb.prepare(_rand_image(600, 900))  # 43 x 65 patches: over budget
+    w, h = big.input_size
+    assert -(-w // 14) * -(-h // 14) <= 400
+    assert w % 14 == 0 and h % 14 == 0 and abs(w / h - 1.5) < 0.1
+    assert big.scale == pytest.approx((900 / w, 600 / h))
+    off = Backbone("x", model=bb.model, max_patches=None).prepare(_rand_image(600, 900))
+    assert off.input_size == (900, 600)
