@@ -219,7 +219,8 @@ class Discoverer:
         """
         window = max(self.batch_size * 4, 8)
         pending: list[tuple[str, Prepared | ImageResult]] = []
-        for item in self._load(paths):
+        # Decode up to two windows ahead: the next window is being read while this one runs.
+        for item in self._load(paths, depth=2 * window):
             pending.append(item)
             if len(pending) >= window:
                 yield from self._flush(pending)
@@ -245,13 +246,14 @@ class Discoverer:
     def _prepare(self, path: str, loaded: LoadedImage) -> tuple[str, Prepared]:
         return path, self.backbone.prepare(loaded.array, loaded.original_size)
 
-    def _load(self, paths: Iterable[str | os.PathLike[str]]) -> Iterator[tuple[str, Any]]:
+    def _load(
+        self, paths: Iterable[str | os.PathLike[str]], depth: int
+    ) -> Iterator[tuple[str, Any]]:
         names = (os.fspath(p) for p in paths)
         if self.num_workers == 0:
             for p in names:
                 yield self._read(p)
             return
-        depth = max(2 * self.num_workers, self.batch_size * 2)
         with ThreadPoolExecutor(self.num_workers, thread_name_prefix="decode") as ex:
             queue: list[Future] = []
             for p in names:
