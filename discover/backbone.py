@@ -125,7 +125,10 @@ class Backbone(nn.Module):
         pretrained: download hub weights when no checkpoint is given.
         features: ``keys`` (default), ``queries``, ``values`` or ``tokens``.
         device: ``cpu``, ``cuda``, ``cuda:1``...
-        precision: ``fp32``, ``bf16`` (CPU and GPU) or ``fp16`` (GPU).
+        precision: ``fp32``; ``bf16`` (CPU with native bf16, and GPU): the model's weights
+            are converted to bfloat16 and the whole forward runs in it (on the CPU this
+            is faster than autocast and, measured on real photos, closer to fp32 boxes);
+            ``fp16`` (GPU): autocast to float16. The model is converted in place.
         max_size: resize so the longer side is at most this many pixels.
         max_patches: patch budget for images at native size (``max_size`` unset): a larger
             image is downscaled until its padded grid fits (default 9216, i.e. 96x96
@@ -168,6 +171,8 @@ class Backbone(nn.Module):
         self.model = model.eval()
         self.device = _resolve_device(device)
         self.precision = _resolve_precision(precision, self.device)
+        if self.precision == "bf16":
+            self.model.to(torch.bfloat16)
         ps = model.patch_embed.patch_size
         self.patch_size = int(ps[0] if isinstance(ps, tuple | list) else ps)
         self.embed_dim = int(model.embed_dim)
@@ -281,6 +286,8 @@ class Backbone(nn.Module):
             raise ValueError(f"input {H}x{W} is not a multiple of the patch size {p}")
         grid = (H // p, W // p)
         m = self.model
+        if self.precision == "bf16":
+            x = x.to(torch.bfloat16)
         with self._autocast():
             t = m.patch_embed(x)
             t = m._pos_embed(t)
@@ -342,10 +349,10 @@ class Backbone(nn.Module):
         return logits.softmax(dim=-1)[:, :, 0]
 
     def _autocast(self):
-        if self.precision == "fp32":
+        """fp16 runs under autocast; fp32 and bf16 (converted weights) need none."""
+        if self.precision != "fp16":
             return nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+        return torch.autocast(self.device.type, dtype=torch.float16)
 
 
 def _cells(w: int, h: int, p: int) -> int:

@@ -21,6 +21,7 @@ Options add the bf16 pipeline, the box agreement of bf16 with fp32 on real photo
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import resource
@@ -72,6 +73,7 @@ def make_images(folder: Path, n: int, size: int, seed: int = 0) -> list[Path]:
 def bench_raw(bb: Backbone, n: int, size: int, batch: int) -> float:
     model = bb.model
     x = torch.randn(batch, 3, size, size, device=bb.device)
+    x = x.to(next(model.parameters()).dtype)  # bf16 weights take bf16 input
     with torch.inference_mode(), bb._autocast():
         model.forward_features(x)  # warm-up
         t0 = time.perf_counter()
@@ -248,7 +250,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.bf16 and (dev.type == "cuda" or cpu_supports_bf16()):
             disc16 = Discoverer(
                 args.model,
-                backbone=Backbone(args.model, model=bb.model, device=args.device, precision=low),
+                backbone=Backbone(
+                    args.model, model=copy.deepcopy(bb.model), device=args.device, precision=low
+                ),
                 batch_size=args.batch_size,
                 num_workers=args.workers,
             )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import timm
@@ -157,7 +159,9 @@ def test_bf16_features_close_to_fp32() -> None:
     torch.manual_seed(1)
     m = _vit("vit_small_patch14_reg4_dinov2")
     fp32 = Backbone("x", model=m)
-    bf16 = Backbone("x", model=m, precision="bf16")
+    bf16 = Backbone("x", model=copy.deepcopy(m), precision="bf16")
+    assert next(bf16.model.parameters()).dtype == torch.bfloat16  # converted weights
+    assert next(fp32.model.parameters()).dtype == torch.float32
     img = _rand_image(112, 140, 5)
     a, _ = fp32.extract([img])
     b, _ = bf16.extract([img])
