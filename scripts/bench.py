@@ -210,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3, help="Interleaved repeats (median).")
     ap.add_argument("--bf16", action="store_true", help="Also time the bf16/fp16 pipeline.")
     ap.add_argument("--agreement", action="store_true", help="bf16 vs fp32 boxes (real weights)")
     ap.add_argument("--rss", type=int, nargs=2, metavar=("N1", "N2"), default=None)
@@ -219,7 +220,6 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     dev = torch.device(args.device)
     low = "fp16" if dev.type == "cuda" else "bf16"
-    rows: dict[str, float] = {}
     info = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -229,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         "size": args.size,
         "images": args.images,
         "batch_size": args.batch_size,
+        "repeats": args.repeats,
     }
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_images(Path(tmp), args.images, args.size)
@@ -240,13 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             num_workers=args.workers,
         )
         bb = disc.backbone
-        rows["raw backbone (forward_features)"] = bench_raw(
-            bb, args.images, args.size, args.batch_size
-        )
-        rows["pipeline (Discoverer.run, files -> jsonl)"] = bench_pipeline(
-            disc, paths, Path(tmp) / "out.jsonl"
-        )
-        rows["naive reference-style loop"] = bench_naive(bb.model, paths, bb.patch_size, dev)
+        disc16 = None
         if args.bf16 and (dev.type == "cuda" or cpu_supports_bf16()):
             disc16 = Discoverer(
                 args.model,
@@ -256,18 +251,41 @@ def main(argv: list[str] | None = None) -> int:
                 batch_size=args.batch_size,
                 num_workers=args.workers,
             )
-            rows[f"raw backbone {low}"] = bench_raw(
-                disc16.backbone, args.images, args.size, args.batch_size
+        # Each measurement is repeated, the repeats interleaved, and the median reported:
+        # a shared machine drifts, and interleaving spreads the drift over every row.
+        runs: dict[str, list[float]] = {}
+        lost_ratio: list[float] = []
+        t_lost_all: list[float] = []
+        out = Path(tmp)
+        for _ in range(args.repeats):
+            runs.setdefault("raw backbone (forward_features)", []).append(
+                bench_raw(bb, args.images, args.size, args.batch_size)
             )
-            rows[f"pipeline {low}"] = bench_pipeline(disc16, paths, Path(tmp) / "out16.jsonl")
-        t_lost, t_fwd = bench_lost(bb, 20, args.size)
+            runs.setdefault("pipeline (Discoverer.run, files -> jsonl)", []).append(
+                bench_pipeline(disc, paths, out / "out.jsonl")
+            )
+            runs.setdefault("naive reference-style loop", []).append(
+                bench_naive(bb.model, paths, bb.patch_size, dev)
+            )
+            if disc16 is not None:
+                runs.setdefault(f"raw backbone {low}", []).append(
+                    bench_raw(disc16.backbone, args.images, args.size, args.batch_size)
+                )
+                runs.setdefault(f"pipeline {low}", []).append(
+                    bench_pipeline(disc16, paths, out / "out16.jsonl")
+                )
+            t_lost, t_fwd = bench_lost(bb, 20, args.size)
+            t_lost_all.append(t_lost)
+            lost_ratio.append(t_lost / t_fwd)
+        rows = {k: float(np.median(v)) for k, v in runs.items()}
+        t_lost = float(np.median(t_lost_all))
     raw = rows["raw backbone (forward_features)"]
     pipe = rows["pipeline (Discoverer.run, files -> jsonl)"]
     naive = rows["naive reference-style loop"]
     print(
         f"# {info['device']} ({info['cpu']}), torch {info['torch']}, {info['threads']} threads, "
         f"{args.model} random init, {args.images} images {args.size}x{args.size}, "
-        f"batch {args.batch_size}"
+        f"batch {args.batch_size}, median of {args.repeats} interleaved repeats"
     )
     print("| what | images/s |")
     print("|---|---:|")
@@ -276,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     ratios = {
         "pipeline / raw": pipe / raw,
         "pipeline / naive": pipe / naive,
-        "lost() % of forward": 100 * t_lost / t_fwd,
+        "lost() % of forward": 100 * float(np.median(lost_ratio)),
     }
     if f"pipeline {low}" in rows:
         ratios[f"pipeline {low} / pipeline fp32"] = rows[f"pipeline {low}"] / pipe
