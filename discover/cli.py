@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -33,6 +33,9 @@ from rich.text import Text
 from discover.backbone import DEFAULT_MODEL, FEATURE_KINDS, PRECISIONS, list_models
 from discover.errors import RegdiscoverError
 from discover.outputs import FORMATS
+
+if TYPE_CHECKING:
+    from discover.pipeline import Discoverer
 
 app = typer.Typer(
     add_completion=False,
@@ -159,6 +162,26 @@ def _parse_bias(text: str) -> float | str:
         raise UsageFailure(f"--gram-bias must be a number, 'pNN' or 'auto', got {text!r}") from None
 
 
+def _discoverer(
+    model: str, *, checkpoint: Path | None, max_patches: int, **options: object
+) -> Discoverer:
+    """The Discoverer of ``boxes`` and ``eval``; a bad option value is a usage error.
+
+    (Imported lazily, like every heavy module here, so ``--help`` stays fast.)
+    """
+    from discover.pipeline import Discoverer
+
+    try:
+        return Discoverer(
+            model,
+            checkpoint=str(checkpoint) if checkpoint else None,
+            max_patches=max_patches or None,
+            **options,
+        )
+    except ValueError as e:  # a bad option value (features, device, k-patches...)
+        raise UsageFailure(str(e)) from None
+
+
 def _setup_threads(threads: int | None) -> None:
     if threads is not None:
         import torch
@@ -208,7 +231,7 @@ def boxes(
     """Discover the main object(s) in images and write their boxes."""
     from discover.distributed import DistContext
     from discover.outputs import open_writer, result_record
-    from discover.pipeline import Discoverer, iter_image_paths
+    from discover.pipeline import iter_image_paths
 
     if fmt not in FORMATS:
         raise UsageFailure(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -241,26 +264,23 @@ def boxes(
             _say(err, f"resume: {skipped} image(s) already in {part}, {len(todo)} to go")
         _setup_threads(threads)
         params = _method_params(method, k_patches, gram_bias, center, tau)
-        try:
-            disc = Discoverer(
-                model,
-                checkpoint=str(checkpoint) if checkpoint else None,
-                method=method,
-                device=dist.device,
-                batch_size=batch_size,
-                features=features,
-                precision=precision,
-                max_size=max_size,
-                max_patches=max_patches or None,
-                max_objects=max_objects,
-                min_score=min_score,
-                num_workers=workers,
-                test_time_registers=test_time_registers,
-                keep_images=viz is not None,
-                **params,
-            )
-        except ValueError as e:  # a bad option value (features, device, k-patches...)
-            raise UsageFailure(str(e)) from None
+        disc = _discoverer(
+            model,
+            checkpoint=checkpoint,
+            method=method,
+            device=dist.device,
+            batch_size=batch_size,
+            features=features,
+            precision=precision,
+            max_size=max_size,
+            max_patches=max_patches,
+            max_objects=max_objects,
+            min_score=min_score,
+            num_workers=workers,
+            test_time_registers=test_time_registers,
+            keep_images=viz is not None,
+            **params,
+        )
         viz_stems: dict[str, str] = {}
         n_boxes = n_fail = n_done = 0
         t0 = time.perf_counter()
@@ -351,7 +371,6 @@ def eval_(
     from discover.datasets import load_dataset
     from discover.distributed import DistContext
     from discover.evaluate import EvalRun
-    from discover.pipeline import Discoverer
 
     try:
         ds = load_dataset(dataset, root, coco_list=coco_list, no_hard=no_hard, ann_file=ann_file)
@@ -366,25 +385,22 @@ def eval_(
     dist = DistContext.from_env(device)
     _setup_threads(threads)
     params = _method_params(method, k_patches, gram_bias, center, tau)
-    try:
-        disc = Discoverer(
-            model,
-            checkpoint=str(checkpoint) if checkpoint else None,
-            method=method,
-            device=dist.device,
-            batch_size=batch_size,
-            features=features,
-            precision=precision,
-            max_size=max_size,
-            max_patches=max_patches or None,
-            max_objects=max_objects,
-            min_score=min_score,
-            num_workers=workers,
-            test_time_registers=test_time_registers,
-            **params,
-        )
-    except ValueError as e:  # a bad option value (features, device, k-patches...)
-        raise UsageFailure(str(e)) from None
+    disc = _discoverer(
+        model,
+        checkpoint=checkpoint,
+        method=method,
+        device=dist.device,
+        batch_size=batch_size,
+        features=features,
+        precision=precision,
+        max_size=max_size,
+        max_patches=max_patches,
+        max_objects=max_objects,
+        min_score=min_score,
+        num_workers=workers,
+        test_time_registers=test_time_registers,
+        **params,
+    )
     settings = {
         "model": model,
         "checkpoint": str(checkpoint) if checkpoint else None,

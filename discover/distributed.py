@@ -39,7 +39,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -47,7 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from discover.errors import RegdiscoverError
-from discover.outputs import CSV_FIELDS, FORMATS, read_jsonl
+from discover.outputs import CSV_FIELDS, FORMATS, atomic_write, read_jsonl
 
 if TYPE_CHECKING:
     from discover.corloc import CorLocAccumulator
@@ -498,14 +497,14 @@ def merge_files(out: Path, fmt: str, reports: Iterable[dict[str, Any]] = ()) -> 
             )
     ordered = [(name, entries[name]) for name in sorted(entries)]
     if fmt == "jsonl":
-        _atomic_write(out, "".join(line for _, line in ordered))
+        atomic_write(out, "".join(line for _, line in ordered))
     elif fmt == "csv":
         buf = io.StringIO()
         writer = csv.DictWriter(buf, CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()
         for _, rows in ordered:
             writer.writerows(rows)
-        _atomic_write(out, buf.getvalue())
+        atomic_write(out, buf.getvalue())
     elif fmt == "coco":
         images, annotations = [], []
         for n, (_, (im, anns)) in enumerate(ordered, start=1):
@@ -517,14 +516,14 @@ def merge_files(out: Path, fmt: str, reports: Iterable[dict[str, Any]] = ()) -> 
             "annotations": annotations,
             "categories": categories or _COCO_CATEGORIES,
         }
-        _atomic_write(out, json.dumps(data))
+        atomic_write(out, json.dumps(data))
     else:  # voc
         out.mkdir(parents=True, exist_ok=True)
         for _, (_rec, xml) in ordered:
             target = out / xml.name
             if xml.parent != out:
-                _atomic_write(target, xml.read_bytes())
-        _atomic_write(out / "index.jsonl", "".join(json.dumps(r) + "\n" for _, (r, _) in ordered))
+                atomic_write(target, xml.read_bytes())
+        atomic_write(out / "index.jsonl", "".join(json.dumps(r) + "\n" for _, (r, _) in ordered))
     for p in parts:
         _remove(p)
     return len(ordered)
@@ -564,17 +563,3 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists() or path.is_symlink():
         path.unlink()
-
-
-def _atomic_write(path: Path, data: str | bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    raw = data.encode("utf-8") if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(raw)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

@@ -25,7 +25,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 
 from discover.errors import WeightsError
+from discover.outputs import atomic_write
 
 IMGFOCUS_MODEL = "vit_small_patch14_dinov2.imgfocus"
 IMGFOCUS_ARCH = "vit_small_patch14_dinov2"
@@ -358,20 +358,6 @@ def _load_cached(
     return state if _valid_state(state) else None
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and :func:`os.replace`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_cache(
     state: dict[str, torch.Tensor], weights: Path, sidecar: Path, source: Path, source_sha: str
 ) -> None:
@@ -389,8 +375,8 @@ def _write_cache(
     weights.parent.mkdir(parents=True, exist_ok=True)
     # Weights first, sidecar last: an interruption in between leaves a sidecar whose
     # checksum does not match, so the next call converts again.
-    _write_atomic(weights, data)
-    _write_atomic(sidecar, (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
+    atomic_write(weights, data, fsync=True)
+    atomic_write(sidecar, json.dumps(meta, indent=2) + "\n", fsync=True)
 
 
 def imgfocus_state_dict(cache_dir: Path | None = None) -> dict[str, torch.Tensor]:

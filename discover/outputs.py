@@ -87,8 +87,12 @@ class Writer:
     def write(self, record: dict[str, Any]) -> None:
         raise NotImplementedError
 
+    _f: Any = None
+    """The open output file of writers that stream to one."""
+
     def close(self) -> None:
-        pass
+        if self._f is not None and not self._f.closed:
+            self._f.close()
 
     def __enter__(self) -> Writer:
         return self
@@ -114,10 +118,6 @@ class JsonlWriter(Writer):
         self._f.flush()
         self.done.add(record["image"])
         self.count += 1
-
-    def close(self) -> None:
-        if not self._f.closed:
-            self._f.close()
 
 
 def read_jsonl_done(path: Path) -> tuple[set[str], int]:
@@ -206,7 +206,7 @@ class CocoWriter(Writer):
             "annotations": self.annotations,
             "categories": [{"id": 1, "name": "object", "supercategory": "object"}],
         }
-        _atomic_write(self.path, json.dumps(data))
+        atomic_write(self.path, json.dumps(data))
         self._dirty = 0
 
     def close(self) -> None:
@@ -259,10 +259,6 @@ class CsvWriter(Writer):
         self.done.add(record["image"])
         self.count += 1
 
-    def close(self) -> None:
-        if not self._f.closed:
-            self._f.close()
-
 
 class VocWriter(Writer):
     """One XML per image under the folder ``path``; resume reads the folder."""
@@ -305,15 +301,11 @@ class VocWriter(Writer):
             for tag, v in zip(("xmin", "ymin", "xmax", "ymax"), _voc_coords(box), strict=True):
                 ET.SubElement(bb, tag).text = str(v)
         ET.indent(root)
-        _atomic_write(self.path / f"{stem}.xml", ET.tostring(root, encoding="unicode"))
+        atomic_write(self.path / f"{stem}.xml", ET.tostring(root, encoding="unicode"))
         self._f.write(json.dumps({"image": name, "xml": f"{stem}.xml"}) + "\n")
         self._f.flush()
         self.done.add(name)
         self.count += 1
-
-    def close(self) -> None:
-        if not self._f.closed:
-            self._f.close()
 
 
 def unique_stem(name: str, used: dict[str, str]) -> str:
@@ -338,13 +330,22 @@ def _voc_coords(box: list[float]) -> list[int]:
     return [int(round(x0)) + 1, int(round(y0)) + 1, int(round(x1)), int(round(y1))]
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, data: str | bytes, *, fsync: bool = False) -> None:
+    """Write ``data`` to ``path`` through a temporary file and :func:`os.replace`.
+
+    Readers see the old file or the new one, never a torn one. ``fsync`` also flushes the
+    data to disk before the rename (for caches that must survive a power loss).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = data.encode("utf-8") if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        Path(tmp).unlink(missing_ok=True)
         raise
