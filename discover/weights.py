@@ -15,7 +15,10 @@
 from __future__ import annotations
 
 import os
+import socket
+from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -136,19 +139,60 @@ def create_vit(
         elif checkpoint is not None:
             load_into(model, read_state_dict(checkpoint), f"checkpoint {checkpoint}")
         return model.eval()
+    # Without a network, huggingface_hub retries for about 45 s before giving up: probe
+    # the hub first (3 s) and, when it is out of reach, ask for the local cache only.
+    reachable = hub_reachable()
     try:
-        model = timm.create_model(name, pretrained=True, **kwargs)
+        with _hub_offline(not reachable):
+            model = timm.create_model(name, pretrained=True, **kwargs)
     except RuntimeError as e:
         if "Unknown model" in str(e) or "Invalid pretrained tag" in str(e):
             raise WeightsError(f"unknown timm model {name!r}") from None
-        raise WeightsError(_download_hint(name, e)) from None
+        raise WeightsError(_download_hint(name, e, reachable)) from None
     except Exception as e:  # noqa: BLE001 - network errors come in many types
-        raise WeightsError(_download_hint(name, e)) from None
+        raise WeightsError(_download_hint(name, e, reachable)) from None
     return model.eval()
 
 
-def _download_hint(name: str, err: Exception) -> str:
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub (``$HF_ENDPOINT``) answers a TCP connection.
+
+    True without probing when ``HF_HUB_OFFLINE`` is set (nothing will be fetched anyway)
+    or a proxy is configured (a direct connection says nothing about the proxy).
+    """
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return True
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname or "huggingface.co", port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+@contextmanager
+def _hub_offline(offline: bool):
+    """Make huggingface_hub use its local cache only, for the duration of the block."""
+    if not offline:
+        yield
+        return
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
+def _download_hint(name: str, err: Exception, reachable: bool = True) -> str:
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if not reachable:
+        first = "no network: the hub is out of reach and the weights are not in the local cache"
     return (
         f"cannot download the weights of {name} ({first[:160]}). Without a network, pass "
         "--checkpoint FILE with local weights, or use the offline model "

@@ -293,3 +293,32 @@ def test_patch_budget_downscales_huge_images_only() -> None:
     assert big.scale == pytest.approx((900 / w, 600 / h))
     off = Backbone("x", model=bb.model, max_patches=None).prepare(_rand_image(600, 900))
     assert off.input_size == (900, 600)
+
+
+def test_unreachable_hub_uses_the_cache_only_and_fails_fast(monkeypatch) -> None:
+    import socket
+
+    from huggingface_hub import constants
+
+    def refuse(*args, **kwargs):
+        raise OSError("Name or service not known")
+
+    seen = {}
+
+    def create(*args, **kwargs):
+        if kwargs.get("pretrained"):
+            seen["offline"] = constants.HF_HUB_OFFLINE
+            raise OSError("not in the local cache")
+        return real(*args, **kwargs)
+
+    real = timm.create_model
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(timm, "create_model", create)
+    before = constants.HF_HUB_OFFLINE
+    with pytest.raises(WeightsError, match="no network"):
+        Backbone("vit_small_patch16_224.dino")
+    assert seen["offline"] is True  # the hub was asked for its cache only, no retries
+    assert constants.HF_HUB_OFFLINE == before  # and the setting restored
