@@ -32,7 +32,7 @@ import scipy.ndimage
 import torch
 
 from discover.boxes import mask_box
-from discover.methods import EmptyGraphError, register_method
+from discover.methods import EmptyGraphError, check_grid, check_inputs, register_method
 
 __all__ = [
     "DinoSegResult",
@@ -88,20 +88,6 @@ class DinoSegResult:
     mask: torch.Tensor
     box: tuple[int, int, int, int]
     score: float
-
-
-def _check_grid(n: int, grid: tuple[int, int], what: str) -> tuple[int, int]:
-    if len(grid) != 2:
-        raise ValueError(f"grid must be (h, w), got {grid!r}")
-    h, w = (int(v) for v in grid)
-    if h <= 0 or w <= 0:
-        raise ValueError(f"grid must be positive (h, w), got {grid!r}")
-    if h * w != n:
-        raise ValueError(
-            f"{what} has {n} patches but grid {h}x{w} has {h * w}; pass grid=(rows, cols) "
-            "of the patch grid, with [CLS] and register tokens removed"
-        )
-    return h, w
 
 
 def _off_diagonal(a: torch.Tensor) -> torch.Tensor:
@@ -261,10 +247,8 @@ def lost(
             positive with the seed, e.g. ``N == 1`` with a zero feature or a bias ``<= -|f|^2`` (the
             reference raises a ``ValueError`` there too).
     """
-    if feats.ndim != 2:
-        raise ValueError(f"feats must be 2-D [N, D], got shape {tuple(feats.shape)}")
-    n = feats.shape[0]
-    h, w = _check_grid(n, grid, "feats")
+    h, w, exclude = check_inputs(feats, grid, exclude)
+    n = h * w
     if int(k_patches) < 1:
         raise ValueError(f"k_patches must be >= 1, got {k_patches}")
     k_patches = int(k_patches)
@@ -273,10 +257,7 @@ def lost(
     if exclude is None:
         keep_idx = torch.arange(n, device=device)
     else:
-        exclude = torch.as_tensor(exclude, device=device)
-        if exclude.shape != (n,):
-            raise ValueError(f"exclude must be bool [N] = [{n}], got shape {tuple(exclude.shape)}")
-        keep_idx = torch.nonzero(~exclude.bool()).flatten()
+        keep_idx = torch.nonzero(~exclude).flatten()
     if keep_idx.numel() == 0:
         raise EmptyGraphError("every patch is excluded, nothing left to discover")
 
@@ -376,7 +357,7 @@ def dino_seg(
     if cls_attn.ndim != 2:
         raise ValueError(f"cls_attn must be 2-D [heads, N], got shape {tuple(cls_attn.shape)}")
     n_heads, n = cls_attn.shape
-    h, w = _check_grid(n, grid, "cls_attn")
+    h, w = check_grid(n, grid, "cls_attn")
     if not 0 <= head < n_heads:
         raise ValueError(f"head must be in [0, {n_heads}), got {head}")
     if not 0.0 < keep_mass <= 1.0:

@@ -39,6 +39,48 @@ class MethodResult(Protocol):
 
 MethodFn = Callable[..., Any]
 
+
+def check_grid(n: int, grid: tuple[int, int], what: str = "feats") -> tuple[int, int]:
+    """``(h, w)`` of ``grid`` as ints, checked positive and holding exactly ``n`` patches."""
+    if len(grid) != 2:
+        raise ValueError(f"grid must be (h, w), got {grid!r}")
+    h, w = (int(v) for v in grid)
+    if h <= 0 or w <= 0:
+        raise ValueError(f"grid must be positive (h, w), got {grid!r}")
+    if h * w != n:
+        raise ValueError(
+            f"{what} has {n} rows (patches) but grid {h}x{w} has {h * w}; pass "
+            "grid=(rows, cols) of the patch grid, with [CLS] and register tokens removed"
+        )
+    return h, w
+
+
+def check_inputs(
+    feats: torch.Tensor, grid: tuple[int, int], exclude: torch.Tensor | None
+) -> tuple[int, int, torch.Tensor | None]:
+    """Validate a method's inputs (the contract above).
+
+    Returns ``(h, w, exclude)`` with ``exclude`` flattened to bool ``[N]`` on
+    ``feats.device`` (``[N]`` and ``[h, w]`` are accepted), or ``None``.
+
+    Raises:
+        ValueError: ``feats`` not 2-D, a grid that does not hold ``N`` patches, or an
+            ``exclude`` that is not a bool tensor of ``N`` elements.
+    """
+    if feats.ndim != 2:
+        raise ValueError(f"feats must be 2-D [N, D], got shape {tuple(feats.shape)}")
+    h, w = check_grid(feats.shape[0], grid)
+    if exclude is None:
+        return h, w, None
+    exclude = torch.as_tensor(exclude)
+    if exclude.dtype != torch.bool or exclude.numel() != h * w:
+        raise ValueError(
+            f"exclude must be a bool tensor with {h * w} elements, "
+            f"got {exclude.dtype} of shape {tuple(exclude.shape)}"
+        )
+    return h, w, exclude.reshape(-1).to(feats.device)
+
+
 _REGISTRY: dict[str, MethodFn] = {}
 
 

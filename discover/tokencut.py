@@ -66,7 +66,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from discover.boxes import mask_box
-from discover.methods import EmptyGraphError, register_method
+from discover.methods import EmptyGraphError, check_inputs, register_method
 
 __all__ = [
     "DENSE_MAX_PATCHES",
@@ -200,27 +200,6 @@ def _lanczos_second(normalized: Tensor) -> tuple[float, Tensor]:
     return 1.0 - float(mus[second]), z / torch.linalg.vector_norm(z)
 
 
-def _check_inputs(feats: Tensor, grid: tuple[int, int], exclude: Tensor | None) -> Tensor | None:
-    if feats.ndim != 2:
-        raise ValueError(f"feats must be 2-D [N, D], got shape {tuple(feats.shape)}")
-    if not feats.is_floating_point():
-        raise ValueError(f"feats must be a float tensor, got {feats.dtype}")
-    h, w = grid
-    if h <= 0 or w <= 0 or feats.shape[0] != h * w:
-        raise ValueError(f"feats has {feats.shape[0]} rows but grid {tuple(grid)} has {h * w}")
-    if not bool(torch.isfinite(feats).all()):
-        raise ValueError("feats contains NaN or infinite values")
-    if exclude is None:
-        return None
-    exclude = torch.as_tensor(exclude)
-    if exclude.dtype != torch.bool or exclude.numel() != h * w:
-        raise ValueError(
-            f"exclude must be a bool tensor with {h * w} elements, "
-            f"got {exclude.dtype} of shape {tuple(exclude.shape)}"
-        )
-    return exclude.reshape(-1).to(feats.device)
-
-
 @register_method("tokencut")
 def tokencut(
     feats: Tensor,
@@ -255,10 +234,13 @@ def tokencut(
         EmptyGraphError: fewer than 3 patches left, or every pair of remaining
             patches linked / none linked (no cut structure).
     """
-    exclude = _check_inputs(feats, grid, exclude)
+    h, w, exclude = check_inputs(feats, grid, exclude)
+    if not feats.is_floating_point():
+        raise ValueError(f"feats must be a float tensor, got {feats.dtype}")
+    if not bool(torch.isfinite(feats).all()):
+        raise ValueError("feats contains NaN or infinite values")
     if not eps > 0:
         raise ValueError(f"eps must be positive (it keeps the graph connected), got {eps}")
-    h, w = grid
     device = feats.device
     if exclude is None:
         kept = torch.arange(h * w, device=device)

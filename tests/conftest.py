@@ -189,3 +189,27 @@ def chdir_tmp(tmp_path, monkeypatch) -> Iterator[Path]:
     """Run the test inside ``tmp_path`` (relative image names in the outputs)."""
     monkeypatch.chdir(tmp_path)
     yield tmp_path
+
+
+@pytest.fixture
+def interrupt_run(monkeypatch) -> Iterator[Callable[[int | None], None]]:
+    """``interrupt_run(k)``: ``Discoverer.run`` raises KeyboardInterrupt (Ctrl-C) after
+    yielding ``k`` results; ``interrupt_run(None)`` restores the real method."""
+    import discover.pipeline
+
+    real_run = discover.pipeline.Discoverer.run
+
+    def set_limit(k: int | None) -> None:
+        if k is None:
+            monkeypatch.setattr(discover.pipeline.Discoverer, "run", real_run)
+            return
+
+        def interrupted(self, paths):
+            for i, res in enumerate(real_run(self, paths)):
+                if i == k:
+                    raise KeyboardInterrupt
+                yield res
+
+        monkeypatch.setattr(discover.pipeline.Discoverer, "run", interrupted)
+
+    yield set_limit

@@ -216,7 +216,7 @@ def test_draw_result_overlays_exactly_the_mask_seed_and_box():
 
 
 def test_boxes_resume_after_a_torn_line_and_after_ctrl_c(
-    tmp_path, run_cli, fast_models, checkpoint, monkeypatch
+    tmp_path, run_cli, fast_models, checkpoint, monkeypatch, interrupt_run
 ):
     imgs = tmp_path / "imgs"
     for i in range(5):
@@ -239,22 +239,12 @@ def test_boxes_resume_after_a_torn_line_and_after_ctrl_c(
     assert out.read_bytes().count(b"\n") == 5
 
     # Ctrl-C after two images: exit 130, both kept, a hint to resume
-    import discover.pipeline
-
-    real_run = discover.pipeline.Discoverer.run
-
-    def interrupted(self, paths):
-        for k, res in enumerate(real_run(self, paths)):
-            if k == 2:
-                raise KeyboardInterrupt
-            yield res
-
-    monkeypatch.setattr(discover.pipeline.Discoverer, "run", interrupted)
+    interrupt_run(2)
     code, _, err = run_cli(*args)
     assert code == 130
     assert "interrupted" in err and "--resume" in err
     assert read_jsonl(out) == full[:2]
-    monkeypatch.setattr(discover.pipeline.Discoverer, "run", real_run)
+    interrupt_run(None)
     code, _, err = run_cli(*args, "--resume")
     assert code == 0, err
     assert read_jsonl(out) == full

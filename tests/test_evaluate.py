@@ -170,26 +170,16 @@ def test_eval_resume_skips_done_images_and_gives_the_same_corloc(
 
 
 def test_eval_ctrl_c_keeps_the_done_images(
-    voc, checkpoint, tmp_path, run_cli, fast_models, full_run, monkeypatch
+    voc, checkpoint, tmp_path, run_cli, fast_models, full_run, interrupt_run
 ):
-    import discover.pipeline
-
-    real_run = discover.pipeline.Discoverer.run
-
-    def interrupted(self, paths):
-        for k, res in enumerate(real_run(self, paths)):
-            if k == 2:
-                raise KeyboardInterrupt
-            yield res
-
-    monkeypatch.setattr(discover.pipeline.Discoverer, "run", interrupted)
+    interrupt_run(2)
     code, _, err = run_cli(*eval_args(voc, tmp_path, checkpoint))
     assert code == 130
     assert "interrupted" in err and "--resume" in err
     kept = read_jsonl(tmp_path / "boxes.jsonl")
     assert len(kept) == 2 + len(voc["malformed"])  # two images and the failed annotation
     assert not (tmp_path / "summary.json").exists()
-    monkeypatch.setattr(discover.pipeline.Discoverer, "run", real_run)
+    interrupt_run(None)
     code, _, err = run_cli(*eval_args(voc, tmp_path, checkpoint, "--resume"))
     assert code == 0, err
     assert json.loads((tmp_path / "summary.json").read_text())["corloc"] == full_run[0]["corloc"]
