@@ -216,7 +216,7 @@ def test_draw_result_overlays_exactly_the_mask_seed_and_box():
 
 
 def test_boxes_resume_after_a_torn_line_and_after_ctrl_c(
-    tmp_path, run_cli, fast_models, checkpoint, monkeypatch, interrupt_run
+    tmp_path, run_cli, fast_models, checkpoint, interrupt_run
 ):
     imgs = tmp_path / "imgs"
     for i in range(5):
