@@ -18,11 +18,11 @@ With real weights use ``Discoverer()`` (DINOv2 ViT-S/14 with registers from the 
 one-shot ``discover(path)`` for a single image.
 """
 
-from discover.backbone import DEFAULT_MODEL, OFFLINE_MODEL, Backbone, Features
+from discover.backbone import Backbone, Features
 from discover.errors import DatasetError, ImageError, RegdiscoverError, WeightsError
+from discover.models import DEFAULT_MODEL, OFFLINE_MODEL
 from discover.pipeline import Detection, Discoverer, ImageResult, discover
-
-__version__ = "0.1.0"
+from discover.version import __version__
 
 __all__ = [
     "DEFAULT_MODEL",

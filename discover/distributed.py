@@ -14,12 +14,13 @@ The same commands work alone and under ``torchrun --nproc-per-node P [--nnodes M
 - :meth:`DistContext.shard` drops those images, sorts the rest by name and gives rank
   ``r`` every ``world_size``-th one starting at ``r``; each rank writes its share to its
   own part file (``OUT.part{r}-of-{w}``, a folder for VOC) as it goes.
-- :meth:`DistContext.merge_outputs` / :meth:`DistContext.merge_eval` run once at the
-  end: every rank reports the images it wrote and rank 0 waits for all the reports (the
-  only wait of the run), then merges the final output (when resuming, its old content
-  too) and every part file into the final output, sorted by image name, and deletes the
-  parts. ``merge_eval`` then scores the merged ``boxes.jsonl`` on rank 0, so the CorLoc
-  is that of the union of the shards.
+- :meth:`DistContext.merge_outputs` runs once at the end: every rank reports the images
+  it wrote and rank 0 waits for all the reports (the only wait of the run), then merges
+  the final output (when resuming, its old content too) and every part file into the
+  final output, sorted by image name, and deletes the parts (the format's own reader and
+  merger, :mod:`discover.outputs`). ``discover eval`` then scores the merged
+  ``boxes.jsonl`` on rank 0 (:meth:`discover.evaluate.EvalRun.score_merged`), so the
+  CorLoc is that of the union of the shards.
 
 A rank that dies leaves its part file valid up to its last finished image. Under
 torchrun the agent then stops the other ranks at once; otherwise rank 0 gives up waiting
@@ -33,30 +34,25 @@ number of processes.
 from __future__ import annotations
 
 import atexit
-import csv
-import io
 import json
 import os
 import re
-import shutil
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from discover.errors import RegdiscoverError
-from discover.outputs import CSV_FIELDS, FORMATS, atomic_write, read_jsonl
+from discover.errors import RegdiscoverError, first_line
+from discover.outputs import FORMATS, MissingImages, OutputError, merge, remove_output, writer_class
 
 if TYPE_CHECKING:
-    from discover.corloc import CorLocAccumulator
-    from discover.evaluate import EvalRun
+    pass
 
 T = TypeVar("T")
 
 TIMEOUT_ENV = "REGDISCOVER_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 1800.0
-_COCO_CATEGORIES = [{"id": 1, "name": "object", "supercategory": "object"}]
 
 
 class DistributedError(RegdiscoverError):
@@ -144,7 +140,9 @@ class DistContext:
                 )
                 owns = True
         except (RuntimeError, ValueError) as e:
-            raise DistributedError(f"rank {rank}: cannot join the process group: {_line(e)}") from e
+            raise DistributedError(
+                f"rank {rank}: cannot join the process group: {first_line(e)}"
+            ) from e
         # Restarts under torchrun share the agent's store: keep their keys apart.
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         sync = tdist.PrefixStore(f"regdiscover/{attempt}", store)
@@ -208,7 +206,7 @@ class DistContext:
                 done, merge = self._scan(out, fmt, resume)
                 payload = ("ok", (sorted(done), merge))
             except (OSError, ValueError, RegdiscoverError) as e:
-                payload = ("error", f"cannot prepare output {out}: {_line(e)}")
+                payload = ("error", f"cannot prepare output {out}: {first_line(e)}")
         if self.world_size > 1:
             payload = self._broadcast(payload)
         if payload[0] == "error":
@@ -228,22 +226,30 @@ class DistContext:
         parts = find_parts(out)
         if not resume:
             for p in parts:
-                _remove(p)
+                remove_output(p, fmt)
             if self.world_size > 1:
-                _remove(out / "index.jsonl" if fmt == "voc" else out)
+                remove_output(out, fmt)
             return set(), self.world_size > 1
         done: set[str] = set()
         sources = [*parts, out] if self.world_size > 1 else parts
         for src in sources:
-            done.update(read_entries(src, fmt)[0])
+            done.update(writer_class(fmt).read(src).entries)
         return done, self.world_size > 1 or bool(parts)
 
     # -- merging ------------------------------------------------------------------------
-    def merge_outputs(self, out: Path, fmt: str) -> None:
+    def merge_outputs(
+        self, out: Path, fmt: str, extra: dict[str, Any] | None = None
+    ) -> list[dict[str, Any]] | None:
         """Wait for every rank, then rank 0 merges the parts into ``out`` (sorted by image).
 
         Alone, only parts found by :meth:`prepare_output` are merged (a resumed
-        distributed run); otherwise it does nothing. Leaves the process group.
+        distributed run); otherwise it does nothing. Leaves the process group. Every
+        rank's report carries ``extra`` (e.g. its CorLoc counts).
+
+        Returns:
+            On rank 0 after a merge, the reports of every rank (``rank``, ``part``,
+            ``images`` and ``extra``'s keys); ``None`` when nothing was merged and on the
+            other ranks.
 
         Raises:
             DistributedError: a rank was lost or a part is missing; the parts are kept.
@@ -251,86 +257,14 @@ class DistContext:
         out = Path(out)
         try:
             if not self._merge_needed:
-                return
-            reports = self._reports(out, fmt, {})
-            if self.is_main:
-                merge_files(out, fmt, reports)
-        finally:
-            self.close()
-
-    def merge_eval(
-        self, out_dir: Path, run: EvalRun, samples: Sequence[Any] | None = None
-    ) -> CorLocAccumulator:
-        """:meth:`merge_outputs` for ``discover eval``, then the CorLoc of the union.
-
-        On rank 0, ``OUT/boxes.jsonl`` receives every part and the whole evaluation
-        (``samples``, default ``run.samples``) is scored from it exactly as a resumed
-        single-process run would; ``run.acc``, ``run.processed`` (images run by all ranks)
-        and ``run.elapsed`` (the slowest rank) are replaced by the union's. Other ranks
-        get their own accumulator back.
-
-        Raises:
-            DistributedError: a rank was lost, a part is missing, an image of the
-                evaluation is in no output, or the merged scores disagree with a rank's.
-        """
-        out = Path(out_dir) / "boxes.jsonl"
-        try:
-            if not self._merge_needed:
-                return run.acc
-            extra = {
-                "acc": run.acc.to_dict(),
-                "processed": run.processed,
-                "elapsed": run.elapsed,
-            }
-            reports = self._reports(out, "jsonl", extra)
+                return None
+            reports = self._reports(out, fmt, extra or {})
             if not self.is_main:
-                return run.acc
-            merge_files(out, "jsonl", reports)
+                return None
+            merge_files(out, fmt, reports)
+            return reports
         finally:
             self.close()
-        self._score_union(Path(out_dir), run, samples, reports)
-        return run.acc
-
-    def _score_union(
-        self, out_dir: Path, run: EvalRun, samples: Sequence[Any] | None, reports: list[dict]
-    ) -> None:
-        from discover.corloc import CorLocAccumulator
-        from discover.evaluate import EvalRun
-
-        everything = list(run.samples if samples is None else samples)
-        have = {r.get("image") for r in read_jsonl(out_dir / "boxes.jsonl")}
-        absent = [s.image_id for s in everything if s.image_id not in have]
-        if absent:
-            raise DistributedError(
-                f"{len(absent)} image(s) of the evaluation are in no output (e.g. "
-                f"{', '.join(absent[:3])}): run the same command again with --resume"
-            )
-        union = EvalRun(
-            run.dataset,
-            run.discoverer,
-            out_dir,
-            settings=run.settings,
-            resume=True,
-            samples=everything,
-        )
-        for _ in union.run():  # every image is stored: this only scores them
-            pass
-        merged = union.acc.localized
-        for rep in reports:
-            if "acc" not in rep:
-                continue
-            theirs = CorLocAccumulator.from_dict(rep["acc"]).localized
-            wrong = [k for k, v in theirs.items() if merged.get(k) != v]
-            if wrong:
-                raise DistributedError(
-                    f"rank {rep['rank']} scored {len(wrong)} image(s) differently from "
-                    f"the merged boxes (e.g. {wrong[0]}); is the output folder shared?"
-                )
-        run.acc = union.acc
-        if self.world_size > 1:
-            run.processed = sum(int(r["processed"]) for r in reports)
-            run.elapsed = max(float(r["elapsed"]) for r in reports)
-            run.settings = {**run.settings, "world_size": self.world_size}
 
     def _reports(self, out: Path, fmt: str, extra: dict[str, Any]) -> list[dict[str, Any]]:
         """Every rank's report (rank, its part, the images in it); the final wait."""
@@ -338,9 +272,11 @@ class DistContext:
             return [{"rank": 0, **extra}]
         part = self.part_path(out)
         try:
-            images = sorted(read_entries(part, fmt)[0]) if part.exists() else []
+            images = sorted(writer_class(fmt).read(part).entries)
         except (OSError, ValueError) as e:
-            raise DistributedError(f"rank {self.rank}: cannot read back {part}: {_line(e)}") from e
+            raise DistributedError(
+                f"rank {self.rank}: cannot read back {part}: {first_line(e)}"
+            ) from e
         mine = {"rank": self.rank, "part": str(part), "images": images, **extra}
         return self._gather(mine)
 
@@ -387,7 +323,7 @@ class DistContext:
         who = "another rank" if src is None else f"rank {src}"
         return DistributedError(
             f"rank {self.rank}: {who} was lost or did not finish within {self.timeout_s:g} s "
-            f"({_line(e)}); the images already finished are kept in the part files: run "
+            f"({first_line(e)}); the images already finished are kept in the part files: run "
             "the same command again with --resume to do only the rest"
         )
 
@@ -408,125 +344,29 @@ def find_parts(out: Path) -> list[Path]:
     return [p for _, _, p in sorted(found)]
 
 
-def read_entries(path: Path, fmt: str) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
-    """The images of one output (or part) as ``{image name: entry}``, in file order.
-
-    An entry holds everything written for that image, untouched: the JSON line (jsonl),
-    the rows (csv), the image and its annotations (coco), the index line and the XML
-    path (voc). The second value is the COCO ``categories`` (``None`` otherwise).
-    A missing output reads as empty; torn last lines and rows are ignored.
-
-    Raises:
-        ValueError: a COCO file that is not a regdiscover COCO output.
-    """
-    path = Path(path)
-    if fmt == "jsonl":
-        if not path.is_file():
-            return {}, None
-        entries: dict[str, Any] = {}
-        for rec in read_jsonl(path):
-            if isinstance(rec, dict) and "image" in rec:
-                entries.setdefault(rec["image"], json.dumps(rec) + "\n")
-        return entries, None
-    if fmt == "csv":
-        if not path.is_file():
-            return {}, None
-        text = path.read_text(encoding="utf-8")
-        text = text[: text.rfind("\n") + 1]
-        rows: dict[str, Any] = {}
-        for row in csv.DictReader(io.StringIO(text)):
-            rows.setdefault(row["image"], []).append(row)
-        return rows, None
-    if fmt == "coco":
-        if not path.is_file():
-            return {}, None
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            by_id = {im["id"]: (im, []) for im in data["images"]}
-            for ann in data["annotations"]:
-                by_id[ann["image_id"]][1].append(ann)
-            cats = data.get("categories")
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{path} is not a regdiscover COCO file") from e
-        return {im["file_name"]: (im, anns) for im, anns in by_id.values()}, cats
-    if fmt == "voc":
-        index = path / "index.jsonl"
-        if not index.is_file():
-            return {}, None
-        found: dict[str, Any] = {}
-        for rec in read_jsonl(index):
-            if isinstance(rec, dict) and "image" in rec and "xml" in rec:
-                found.setdefault(rec["image"], (rec, path / Path(rec["xml"]).name))
-        return found, None
-    raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-
-
 def merge_files(out: Path, fmt: str, reports: Iterable[dict[str, Any]] = ()) -> int:
-    """Merge ``out`` (if present) and all its part files into ``out``, then delete the parts.
-
-    Images are written once each (the first copy found: the output, then the parts in
-    (world, rank) order), sorted by image name, in the format's own layout (COCO ids are
-    renumbered 1..N in that order, exactly as a single writer numbers them). The output
-    is replaced atomically. ``reports`` (from the ranks) name the images each rank has
-    written; if one of them is not found, nothing is replaced or deleted.
+    """Merge ``out`` (if present) and all its part files into ``out``, then delete the parts
+    (:func:`discover.outputs.merge`). ``reports`` (from the ranks) name the images each
+    rank has written; if one of them is not found, nothing is replaced or deleted.
     Returns the number of images in the merged output.
 
     Raises:
         DistributedError: a reported image is not in any part (e.g. an output folder
             that is not shared between the nodes), or a part cannot be read.
     """
-    out = Path(out)
-    parts = find_parts(out)
-    entries: dict[str, Any] = {}
-    categories = None
+    reports = list(reports)
+    required = [name for rep in reports for name in rep.get("images", ())]
     try:
-        for src in [out, *parts]:
-            got, cats = read_entries(src, fmt)
-            for name, entry in got.items():
-                entries.setdefault(name, entry)
-            categories = categories or cats
-    except (OSError, ValueError) as e:
-        raise DistributedError(f"cannot merge into {out}: {_line(e)}") from e
-    for rep in reports:
-        lost = [name for name in rep.get("images", ()) if name not in entries]
-        if lost:
-            raise DistributedError(
-                f"{len(lost)} image(s) written by rank {rep['rank']} to {rep.get('part')} are "
-                f"not visible to rank 0 (e.g. {lost[0]}): the output folder must be on a "
-                "filesystem shared by every node; the parts are kept"
-            )
-    ordered = [(name, entries[name]) for name in sorted(entries)]
-    if fmt == "jsonl":
-        atomic_write(out, "".join(line for _, line in ordered))
-    elif fmt == "csv":
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, CSV_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        for _, rows in ordered:
-            writer.writerows(rows)
-        atomic_write(out, buf.getvalue())
-    elif fmt == "coco":
-        images, annotations = [], []
-        for n, (_, (im, anns)) in enumerate(ordered, start=1):
-            images.append({**im, "id": n})
-            for ann in anns:
-                annotations.append({**ann, "id": len(annotations) + 1, "image_id": n})
-        data = {
-            "images": images,
-            "annotations": annotations,
-            "categories": categories or _COCO_CATEGORIES,
-        }
-        atomic_write(out, json.dumps(data))
-    else:  # voc
-        out.mkdir(parents=True, exist_ok=True)
-        for _, (_rec, xml) in ordered:
-            target = out / xml.name
-            if xml.parent != out:
-                atomic_write(target, xml.read_bytes())
-        atomic_write(out / "index.jsonl", "".join(json.dumps(r) + "\n" for _, (r, _) in ordered))
-    for p in parts:
-        _remove(p)
-    return len(ordered)
+        return merge(Path(out), fmt, find_parts(Path(out)), required)
+    except MissingImages as e:
+        rep = next(r for r in reports if e.names[0] in r.get("images", ()))
+        raise DistributedError(
+            f"{len(e.names)} image(s) written by rank {rep['rank']} to {rep.get('part')} are "
+            f"not visible to rank 0 (e.g. {e.names[0]}): the output folder must be on a "
+            "filesystem shared by every node; the parts are kept"
+        ) from None
+    except (OSError, OutputError) as e:
+        raise DistributedError(f"cannot merge into {out}: {first_line(e)}") from e
 
 
 # -- helpers --------------------------------------------------------------------------------
@@ -551,15 +391,3 @@ def _timeout_s() -> float:
     if value <= 0:
         raise DistributedError(f"{TIMEOUT_ENV} must be a positive number of seconds, got {raw!r}")
     return value
-
-
-def _line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()

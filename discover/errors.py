@@ -21,3 +21,13 @@ class DatasetError(RegdiscoverError):
 
 class ImageError(RegdiscoverError):
     """An image cannot be read or has an unusable shape."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message, or its type name when it has none.
+
+    What every one-line error report of the package shows (tracebacks and multi-line
+    messages from libraries never reach the user's terminal whole).
+    """
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

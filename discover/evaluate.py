@@ -20,6 +20,7 @@ import numpy as np
 
 from discover.corloc import CorLocAccumulator
 from discover.datasets import Dataset, Sample
+from discover.errors import RegdiscoverError
 from discover.outputs import JsonlWriter, read_jsonl, result_record
 from discover.pipeline import Discoverer
 
@@ -71,7 +72,9 @@ class EvalRun:
             for rec in read_jsonl(self.boxes_path):
                 if rec.get("image") in by_id:
                     done[rec["image"]] = rec
-        writer = JsonlWriter(self.boxes_path, resume=self.resume)
+        writer = JsonlWriter(
+            self.boxes_path, resume=self.resume, settings=self.discoverer.settings()
+        )
         t0 = time.perf_counter()
         try:
             for image_id, rec in done.items():
@@ -95,6 +98,58 @@ class EvalRun:
         finally:
             writer.close()
             self.elapsed = time.perf_counter() - t0
+
+    def score_merged(self, samples: Sequence[Sample], reports: list[dict[str, Any]]) -> None:
+        """Score the whole evaluation (``samples``) from the merged ``boxes.jsonl``.
+
+        After a distributed run, rank 0 calls this with every rank's report: the CorLoc
+        becomes that of the union of the shards, computed exactly as a resumed
+        single-process run would, and each rank's own counts must agree with it.
+        ``processed`` and ``elapsed`` become the union's (all ranks, the slowest one).
+
+        Raises:
+            RegdiscoverError: an image of the evaluation is in no output, or a rank
+                scored an image differently from the merged boxes.
+        """
+        everything = list(samples)
+        self.boxes_name = "boxes.jsonl"  # the merged output, no longer this rank's part
+        have = {r.get("image") for r in read_jsonl(self.boxes_path)}
+        absent = [s.image_id for s in everything if s.image_id not in have]
+        if absent:
+            raise RegdiscoverError(
+                f"{len(absent)} image(s) of the evaluation are in no output (e.g. "
+                f"{', '.join(absent[:3])}): run the same command again with --resume"
+            )
+        union = EvalRun(
+            self.dataset,
+            self.discoverer,
+            self.out_dir,
+            settings=self.settings,
+            resume=True,
+            samples=everything,
+        )
+        for _ in union.run():  # every image is stored: this only scores them
+            pass
+        merged = union.acc.localized
+        for rep in reports:
+            if "acc" not in rep:
+                continue
+            theirs = CorLocAccumulator.from_dict(rep["acc"]).localized
+            wrong = [k for k, v in theirs.items() if merged.get(k) != v]
+            if wrong:
+                raise RegdiscoverError(
+                    f"rank {rep['rank']} scored {len(wrong)} image(s) differently from "
+                    f"the merged boxes (e.g. {wrong[0]}); is the output folder shared?"
+                )
+        self.acc = union.acc
+        if len(reports) > 1:
+            self.processed = sum(int(r["processed"]) for r in reports)
+            self.elapsed = max(float(r["elapsed"]) for r in reports)
+            self.settings = {**self.settings, "world_size": len(reports)}
+
+    def report(self) -> dict[str, Any]:
+        """What this process tells rank 0 at the merge (its counts and timing)."""
+        return {"acc": self.acc.to_dict(), "processed": self.processed, "elapsed": self.elapsed}
 
     def _score(self, sample: Sample, rec: dict[str, Any]) -> bool:
         boxes = rec.get("boxes") or []

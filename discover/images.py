@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -251,3 +252,27 @@ def _composite_white(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     a = alpha.astype(np.float32)[:, :, None] / 255.0
     out = rgb.astype(np.float32) * a + 255.0 * (1.0 - a)
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def iter_image_paths(
+    paths: Iterable[str | os.PathLike[str]], recursive: bool = False
+) -> list[Path]:
+    """Expand files and folders into a sorted list of image files.
+
+    Folders contribute their files with a supported extension (case-insensitive), recursively
+    with ``recursive``. Files named explicitly are kept whatever their extension (so a bad
+    file yields an error record rather than silently vanishing). Missing paths raise. A file
+    reached twice (named and inside a named folder) is listed once, where first met.
+    """
+    out: dict[Path, None] = {}
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            it = p.rglob("*") if recursive else p.iterdir()
+            found = sorted(q for q in it if (q.is_file() or q.is_symlink()) and is_image_file(q))
+            out.update(dict.fromkeys(found))
+        elif p.exists() or p.is_symlink():
+            out[p] = None
+        else:
+            raise FileNotFoundError(f"no such file or folder: {p}")
+    return list(out)

@@ -41,8 +41,8 @@ from discover.diagnostics import (
 )
 from discover.errors import RegdiscoverError
 from discover.images import read_image
-from discover.methods import EmptyGraphError
-from discover.pipeline import method_defaults
+from discover.methods import EmptyGraphError, get_method
+from discover.outputs import unique_stem
 from discover.viz import InspectionRow, draw_inspection, save_png
 
 __all__ = ["CSV_FIELDS", "ModelDiagnostics", "diagnose", "inspect_images", "summarize"]
@@ -112,7 +112,7 @@ def diagnose(
 ) -> ModelDiagnostics:
     """Run ``backbone`` on one RGB uint8 image and compute every diagnostic.
 
-    ``lost_params`` go to :func:`discover.lost.lost` as they are (no calibrated defaults).
+    ``lost_params`` go to :func:`discover.methods.lost.lost` as they are (no calibrated defaults).
 
     Raises:
         ImageError: the image is unusable for this backbone (e.g. smaller than a patch).
@@ -161,10 +161,9 @@ def inspect_images(
         out_dir: output folder (created).
         threshold: outlier cutoff, a number or ``"auto"`` (see
             :func:`discover.diagnostics.find_outliers`), the same for every model.
-        lost_params: keyword arguments of :func:`discover.lost.lost`, completed per model
-            with the calibrated defaults ``discover boxes`` uses
-            (:func:`discover.pipeline.method_defaults`, e.g. ``center=True`` for DINOv2
-            when neither ``center`` nor ``gram_bias`` is given).
+        lost_params: parameters of :func:`discover.methods.lost.lost`, completed per model
+            key by key with LOST's calibrated defaults for its family (``center=True``
+            for DINOv2), see :func:`lost_settings`.
         progress: called after each image as ``progress(done, total, rows_of_that_image)``.
         head: draw this attention head instead of the mean over heads.
         attention_registers: draw the [CLS] attention as it is (register columns kept in
@@ -187,7 +186,14 @@ def inspect_images(
     resolve_threshold(torch.ones(1), threshold)  # a bad value fails here, not mid-run
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    used_names: set[str] = set()
+    used_names: dict[str, str] = {}
+    # Figures are named after the image's path relative to the inputs' common folder.
+    parents = [os.path.dirname(os.path.abspath(p)) for p in paths]
+    top = os.path.commonpath(parents) if parents else ""
+
+    def relative(name: str) -> str:
+        return Path(os.path.relpath(os.path.abspath(name), top)).as_posix()
+
     all_rows: list[dict[str, Any]] = []
     total = len(paths)
     with open(out / "norms.csv", "w", newline="", encoding="utf-8") as fh:
@@ -206,6 +212,7 @@ def inspect_images(
                 attention_registers=attention_registers,
                 panel_size=panel_size,
                 max_side=max_side,
+                relative=relative,
             )
             writer.writerows(rows)
             fh.flush()
@@ -219,7 +226,7 @@ def _inspect_one(
     path: str | os.PathLike[str],
     backbones: Sequence[tuple[str, Backbone]],
     out: Path,
-    used_names: set[str],
+    used_names: dict[str, str],
     **opts: Any,
 ) -> list[dict[str, Any]]:
     name = Path(path).as_posix()
@@ -236,7 +243,7 @@ def _inspect_one(
                     loaded.array,
                     label=label,
                     threshold=opts["threshold"],
-                    lost_params=method_defaults("lost", bb.name, dict(opts["lost_params"] or {})),
+                    lost_params=lost_settings(bb, opts["lost_params"]),
                 )
             )
         except (RegdiscoverError, torch.cuda.OutOfMemoryError) as e:
@@ -248,7 +255,7 @@ def _inspect_one(
             [_figure_row(d, opts["head"], opts["attention_registers"]) for d in good],
             panel_size=opts["panel_size"],
         )
-        target = out / f"{_unique_stem(name, used_names)}.png"
+        target = out / f"{unique_stem(opts['relative'](name), used_names)}.png"
         save_png(target, fig)
         png = target.as_posix()
     rows = []
@@ -337,14 +344,11 @@ def _num(v: float) -> float:
     return v if not math.isfinite(v) else float(f"{v:.6g}")
 
 
-def _unique_stem(name: str, used: set[str]) -> str:
-    """The file stem of ``name``, with ``_2``, ``_3``... when already ``used`` (any case)."""
-    stem = Path(name).stem or "image"
-    candidate, i = stem, 2
-    while candidate.lower() in used:
-        candidate, i = f"{stem}_{i}", i + 1
-    used.add(candidate.lower())
-    return candidate
+def lost_settings(backbone: Backbone, given: dict[str, Any] | None) -> dict[str, Any]:
+    """LOST's parameters for ``backbone``: ``given``, completed key by key with LOST's
+    calibrated defaults for the model's family, then the reference's."""
+    params, _ = get_method("lost").resolve(backbone.family, given or {})
+    return params.as_dict()
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -2,11 +2,12 @@
 
 :func:`discover_objects` runs a method (LOST, TokenCut, ...) repeatedly on one image:
 after each object, the patches of its mask are excluded from the graph and the method
-is run again on what is left. It stops after ``max_objects`` objects, when the method
-raises :class:`~discover.methods.EmptyGraphError` (nothing left to cut), or at the
-first object whose score is below ``min_score``. Boxes overlapping a better-scored box
-(IoU strictly above ``iou_threshold``) are then suppressed, and the survivors are
-returned by decreasing score.
+is run again on what is left. It stops after ``max_objects`` searches, or when the
+method raises :class:`~discover.methods.base.EmptyGraphError` (nothing left to cut).
+Objects scoring below ``min_score`` are dropped (their patches still leave the graph, so
+the search goes on past them). Boxes overlapping a better-scored box (IoU strictly above
+``iou_threshold``) are then suppressed, and the survivors are returned by decreasing
+score.
 
 What the scores mean. Every object's ``score`` is the method's own ``score`` on the
 graph it was found in: the whole image for the first object, the remaining patches for
@@ -14,7 +15,7 @@ the next ones.
 
 - TokenCut: ``1 - lambda_2`` of the normalized Laplacian of the remaining graph, in
   ``(-0.5, 1]``; near 1 when a group of patches is cut off cleanly from the rest.
-- LOST: ``share * contrast`` of the seed set's similarity (see :func:`discover.lost.lost`),
+- LOST: ``share * contrast`` of the seed set's similarity (see :func:`discover.methods.lost.lost`),
   about 2 for a compact object against a uniform background, below 0.5 on noise, 0 when
   the mask covers every remaining patch.
 
@@ -40,7 +41,7 @@ import torch
 from torch import Tensor
 
 from discover.boxes import suppress
-from discover.methods import EmptyGraphError, get_method
+from discover.methods.base import EmptyGraphError, Method, Params, get_method
 
 __all__ = ["ObjectDetection", "discover_objects"]
 
@@ -71,10 +72,11 @@ def discover_objects(
     feats: Tensor,
     grid: tuple[int, int],
     *,
-    method: str = "lost",
+    method: str | Method = "lost",
     max_objects: int = 1,
     min_score: float | None = None,
     iou_threshold: float = 0.5,
+    inputs: dict[str, Any] | None = None,
     **params: Any,
 ) -> list[ObjectDetection]:
     """Find up to ``max_objects`` objects in one image with a registered method.
@@ -82,16 +84,19 @@ def discover_objects(
     Args:
         feats: ``[N, D]`` patch features (row-major, [CLS] and registers removed).
         grid: ``(h, w)`` patch grid, ``h * w == N``.
-        method: name of a registered method (``discover.methods.method_names()``).
-        max_objects: at most this many objects are searched for (>= 1). With 1 the
-            result is the plain method's answer (unless ``min_score`` rejects it).
-        min_score: stop at the first object scoring below it (that object and the later
-            ones are not returned). It applies to the first object too, so an image with
-            no convincing object gives ``[]``. ``None`` keeps every object found.
+        method: a registered method or its name (``discover.methods.method_names()``).
+        max_objects: at most this many searches (>= 1), so at most this many objects.
+            With 1 the result is the plain method's answer (unless ``min_score`` drops it).
+        min_score: objects scoring below it are dropped from the result; their patches
+            are still removed from the graph and the search goes on with the next object.
+            It applies to the first object too, so an image with no convincing object
+            gives ``[]``. ``None`` keeps every object found.
         iou_threshold: a box is suppressed when its IoU with a better-scored kept box is
             strictly greater than this (greedy NMS, :func:`discover.boxes.suppress`).
-        **params: passed to the method (e.g. ``k_patches`` for LOST, ``tau`` for
-            TokenCut). An ``exclude`` here removes those patches from every search.
+        inputs: what the method needs besides the features (``cls_attention``...).
+        **params: the method's parameters (e.g. ``k_patches`` for LOST, ``tau`` for
+            TokenCut), or ``params=`` an instance of its :class:`Params`. An ``exclude``
+            here removes those patches from every search.
 
     Returns:
         The kept objects, by decreasing score (ties in discovery order).
@@ -102,7 +107,7 @@ def discover_objects(
             later ones only end the search.
         RuntimeError: the method returned a mask with excluded patches (a method bug).
     """
-    fn = get_method(method)
+    m = method if isinstance(method, Method) else get_method(method)
     if isinstance(max_objects, bool) or int(max_objects) != max_objects or max_objects < 1:
         raise ValueError(f"max_objects must be an integer >= 1, got {max_objects!r}")
     if min_score is not None and math.isnan(float(min_score)):
@@ -113,6 +118,9 @@ def discover_objects(
     n = h * w
 
     user_exclude = params.pop("exclude", None)
+    given = params.pop("params", None)
+    chosen = given if isinstance(given, Params) else m.params.build(params, m.name)
+    extra = inputs or {}
     excluded = torch.zeros(n, dtype=torch.bool, device=feats.device)
     if user_exclude is not None:
         user_exclude = torch.as_tensor(user_exclude, device=feats.device)
@@ -130,18 +138,19 @@ def discover_objects(
         # plain method call.
         exclude = user_exclude if step == 0 else excluded.clone()
         try:
-            res = fn(feats, grid, exclude=exclude, **params)
+            res = m(feats, grid, chosen, exclude=exclude, **extra)
         except EmptyGraphError:
             if step == 0:
                 raise
             break
         score = float(res.score)
-        if min_score is not None and score < min_score:
-            break
         mask = res.mask
         flat = mask.reshape(n).to(excluded.device)
         if bool((flat & excluded).any()):
-            raise RuntimeError(f"method {method!r} returned a mask with excluded patches")
+            raise RuntimeError(f"method {m.name!r} returned a mask with excluded patches")
+        excluded = excluded | flat
+        if min_score is not None and score < min_score:
+            continue
         found.append(
             ObjectDetection(
                 box=tuple(int(v) for v in res.box),
@@ -152,7 +161,6 @@ def discover_objects(
                 step=step,
             )
         )
-        excluded = excluded | flat
 
     if len(found) <= 1:
         return found

@@ -13,28 +13,24 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from discover.backbone import (
-    DEFAULT_MAX_PATCHES,
-    DEFAULT_MODEL,
-    Backbone,
-    Prepared,
-    model_family,
-)
+from discover.backbone import DEFAULT_MAX_PATCHES, Backbone, Prepared, check_feature_kind
 from discover.boxes import patch_box_to_pixels
-from discover.errors import ImageError, RegdiscoverError
+from discover.errors import ImageError, RegdiscoverError, first_line
 from discover.images import DEFAULT_MAX_PIXELS, LoadedImage, read_image, to_rgb_array
 from discover.methods import EmptyGraphError, get_method
+from discover.methods.base import default_method
+from discover.models import DEFAULT_MODEL, spec_for
 from discover.objects import discover_objects
 
 
@@ -78,29 +74,6 @@ class ImageResult:
         return [d.box for d in self.detections]
 
 
-# Calibrated defaults per (method, model family), used when the caller sets none of the
-# keys of the entry. DINOv2's last-layer keys have all-positive dot products (every
-# patch gets full degree and plain LOST returns the whole image); subtracting the
-# image's mean feature restores a signed graph. Measured on the annotated samples with
-# the offline DINOv2 ViT-S/14 (README, "Calibrating LOST on DINOv2").
-METHOD_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
-    ("lost", "dinov2"): {"center": True, "gram_bias": 0.0},
-    ("tokencut", "dinov2"): {"center": True},
-}
-
-
-def method_defaults(method: str, model: str, params: dict[str, Any]) -> dict[str, Any]:
-    """``params`` completed with the calibrated defaults of ``method`` for ``model``.
-
-    A default entry applies only when the caller set none of its keys, so an explicit
-    ``gram_bias`` or ``center`` always means exactly what it says.
-    """
-    defaults = METHOD_DEFAULTS.get((method, model_family(model)), {})
-    if any(k in params for k in defaults):
-        return dict(params)
-    return {**defaults, **params}
-
-
 class Discoverer:
     """Load a backbone once, then discover objects in images.
 
@@ -108,10 +81,14 @@ class Discoverer:
         model: timm model name (default: DINOv2 ViT-S/14 with registers from the hub;
             ``vit_small_patch14_dinov2.imgfocus`` works offline).
         checkpoint: local weights file for ``model``.
-        method: ``lost`` or ``tokencut``.
+        method: a registered method (``discover.methods.method_names()``); default: the
+            calibrated choice for the model's family.
         device: ``cpu`` or ``cuda[:i]``.
         batch_size: images of equal size per forward pass.
-        features: ``keys`` (default), ``queries``, ``values`` or ``tokens``.
+        features: ``keys``, ``queries``, ``values`` or ``tokens``; default: the method's
+            calibrated choice for the model's family, else ``keys``.
+        layer: the block the features come from (default: the method's calibrated choice,
+            else the last block, ``-1``).
         precision: ``fp32``, ``bf16`` or ``fp16``.
         max_size: resize so the longer side is at most this many pixels.
         max_patches: without ``max_size``, downscale images whose patch grid would exceed
@@ -127,7 +104,9 @@ class Discoverer:
         keep_images: attach the network-input RGB array to each result as
             ``extras["image"]`` (for drawing).
         backbone: an already-built :class:`Backbone` (then the model options are ignored).
-        **method_params: passed to the method (``k_patches``, ``gram_bias``, ``tau``...).
+        **method_params: the method's parameters (``k_patches``, ``gram_bias``, ``tau``...),
+            each defaulting to its calibrated value for the model's family, then to the
+            reference's (key by key; ``None`` or ``"auto"`` mean the default).
     """
 
     def __init__(
@@ -135,10 +114,11 @@ class Discoverer:
         model: str = DEFAULT_MODEL,
         *,
         checkpoint: str | None = None,
-        method: str = "lost",
+        method: str | None = None,
         device: str = "cpu",
         batch_size: int = 1,
-        features: str = "keys",
+        features: str | None = None,
+        layer: int | None = None,
         precision: str = "fp32",
         max_size: int | None = None,
         max_patches: int | None = DEFAULT_MAX_PATCHES,
@@ -153,20 +133,27 @@ class Discoverer:
         backbone: Backbone | None = None,
         **method_params: Any,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if max_objects < 1:
-            raise ValueError(f"max_objects must be >= 1, got {max_objects}")
-        get_method(method)  # fail early on an unknown name
-        self.method = method
-        name = backbone.name if backbone is not None else model
-        self.method_params = method_defaults(method, name, method_params)
-        _check_options(method, self.method_params, max_objects, min_score, iou_threshold)
-        self.batch_size = batch_size
-        self.max_objects = max_objects
+        if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if isinstance(max_objects, bool) or int(max_objects) != max_objects or max_objects < 1:
+            raise ValueError(f"max_objects must be an integer >= 1, got {max_objects!r}")
+        if min_score is not None and math.isnan(float(min_score)):
+            raise ValueError("min_score must be a number, got NaN")
+        if not 0.0 <= float(iou_threshold) <= 1.0:
+            raise ValueError(f"iou_threshold must be in [0, 1], got {iou_threshold!r}")
+        if int(num_workers) < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if max_size is not None and max_size < 1:
+            raise ValueError(f"max_size must be positive, got {max_size}")
+        spec = backbone.spec if backbone is not None else spec_for(model)
+        self.method = get_method(method or default_method(spec.family))
+        self.params, feature = self.method.resolve(spec.family, method_params)
+        self.features = check_feature_kind(features or feature.get("features", "keys"))
+        self.batch_size = int(batch_size)
+        self.max_objects = int(max_objects)
         self.min_score = min_score
-        self.iou_threshold = iou_threshold
-        self.num_workers = max(0, int(num_workers))
+        self.iou_threshold = float(iou_threshold)
+        self.num_workers = int(num_workers)
         self.max_pixels = max_pixels
         self.keep_images = keep_images
         if backbone is None:
@@ -174,18 +161,50 @@ class Discoverer:
                 model,
                 checkpoint=checkpoint,
                 pretrained=pretrained,
-                features=features,
+                features=self.features,
                 device=device,
                 precision=precision,
                 max_size=max_size,
-                max_patches=max_patches,
+                max_patches=max_patches or None,
             )
         self.backbone = backbone
+        self.layer = backbone.block_index(layer if layer is not None else feature.get("layer", -1))
+        self.checkpoint = checkpoint
         self.test_time_registers = None
         if test_time_registers is not None:
             from discover.registers import attach_test_time_registers
 
             self.test_time_registers = attach_test_time_registers(backbone, test_time_registers)
+        self.test_time_registers_spec = test_time_registers
+
+    @property
+    def method_params(self) -> dict[str, Any]:
+        """The method's parameters in effect (defaults and calibration applied)."""
+        return self.params.as_dict()
+
+    def settings(self) -> dict[str, Any]:
+        """Everything that decides the boxes: recorded in outputs, compared on resume."""
+        bb = self.backbone
+        return {
+            "model": bb.name,
+            "checkpoint": None if self.checkpoint is None else str(self.checkpoint),
+            "method": self.method.name,
+            "method_params": self.method_params,
+            "features": self.features,
+            "layer": self.layer,
+            "max_size": bb.max_size,
+            "max_patches": bb.max_patches,
+            "precision": bb.precision,
+            "test_time_registers": self.test_time_registers_spec,
+            "max_objects": self.max_objects,
+            "min_score": self.min_score,
+            "iou_threshold": self.iou_threshold,
+        }
+
+    def close(self) -> None:
+        """Detach what this discoverer attached to its backbone (test-time registers)."""
+        if self.test_time_registers is not None:
+            self.test_time_registers.detach()
 
     # -- public API ----------------------------------------------------------------------
     def __call__(self, image: str | os.PathLike[str] | Image.Image | np.ndarray) -> list[Detection]:
@@ -293,21 +312,27 @@ class Discoverer:
         except Exception as e:  # noqa: BLE001 - one image must never stop the run
             if len(items) > 1:
                 return [r for item in items for r in self._run_safely([item])]
-            text = str(e).strip()
-            error = f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
-            return [ImageResult(items[0][0], error=error)]
+            return [ImageResult(items[0][0], error=f"{type(e).__name__}: {first_line(e)}")]
 
     def _run_batch(self, items: list[tuple[str, Prepared]]) -> list[ImageResult]:
         bb = self.backbone
         x = bb.to_tensor([pr.array for _, pr in items])
-        feats = bb(x)
+        needs = self.method.needs
+        feats = bb(x, features=self.features, layer=self.layer, attention="cls_attention" in needs)
+        attention = feats.patch_attention() if "cls_attention" in needs else None
         results = []
         for b, (path, pr) in enumerate(items):
-            results.append(self._discover(path, pr, feats.patches[b], feats.grid))
+            inputs = {} if attention is None else {"cls_attention": attention[b]}
+            results.append(self._discover(path, pr, feats.patches[b], feats.grid, inputs))
         return results
 
     def _discover(
-        self, path: str, pr: Prepared, feats: torch.Tensor, grid: tuple[int, int]
+        self,
+        path: str,
+        pr: Prepared,
+        feats: torch.Tensor,
+        grid: tuple[int, int],
+        inputs: dict[str, torch.Tensor],
     ) -> ImageResult:
         p = self.backbone.patch_size
         res = ImageResult(
@@ -328,7 +353,8 @@ class Discoverer:
                 max_objects=self.max_objects,
                 min_score=self.min_score,
                 iou_threshold=self.iou_threshold,
-                **self.method_params,
+                inputs=inputs,
+                params=self.params,
             )
         except EmptyGraphError as e:
             res.error = f"no object found: {e}"
@@ -351,38 +377,10 @@ class Discoverer:
         return res
 
 
-def _check_options(
-    method: str,
-    params: dict[str, Any],
-    max_objects: int,
-    min_score: float | None,
-    iou_threshold: float,
-) -> None:
-    """Run the method once on a tiny random graph, so that a misspelt or out-of-range
-    option fails now with one clear error instead of once per image."""
-    if "exclude" in params:  # sized for real images: cannot be tried on a 3x3 grid
-        return
-    feats = torch.randn(9, 8, generator=torch.Generator().manual_seed(0))
-    try:
-        discover_objects(
-            feats,
-            (3, 3),
-            method=method,
-            max_objects=max_objects,
-            min_score=min_score,
-            iou_threshold=iou_threshold,
-            **params,
-        )
-    except EmptyGraphError:
-        pass
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"invalid options for {method}: {e}") from None
-
-
 def discover(
     image: str | os.PathLike[str] | Image.Image | np.ndarray,
     model: str = DEFAULT_MODEL,
-    method: str = "lost",
+    method: str | None = None,
     **options: Any,
 ) -> list[Detection]:
     """Discover the main object(s) of one image.
@@ -391,29 +389,3 @@ def discover(
     ``options`` are :class:`Discoverer`'s keyword arguments.
     """
     return Discoverer(model, method=method, **options)(image)
-
-
-def iter_image_paths(
-    paths: Iterable[str | os.PathLike[str]], recursive: bool = False
-) -> list[Path]:
-    """Expand files and folders into a sorted list of image files.
-
-    Folders contribute their files with a supported extension (case-insensitive), recursively
-    with ``recursive``. Files named explicitly are kept whatever their extension (so a bad
-    file yields an error record rather than silently vanishing). Missing paths raise. A file
-    reached twice (named and inside a named folder) is listed once, where first met.
-    """
-    from discover.images import is_image_file
-
-    out: dict[Path, None] = {}
-    for raw in paths:
-        p = Path(raw)
-        if p.is_dir():
-            it = p.rglob("*") if recursive else p.iterdir()
-            found = sorted(q for q in it if (q.is_file() or q.is_symlink()) and is_image_file(q))
-            out.update(dict.fromkeys(found))
-        elif p.exists() or p.is_symlink():
-            out[p] = None
-        else:
-            raise FileNotFoundError(f"no such file or folder: {p}")
-    return list(out)

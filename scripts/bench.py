@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 
 from discover.backbone import Backbone, cpu_supports_bf16
-from discover.lost import lost
+from discover.methods.lost import lost
 from discover.outputs import JsonlWriter, result_record
 from discover.pipeline import Discoverer
 

@@ -25,8 +25,8 @@ from discover.boxes import box_iou, patch_box_to_pixels
 from discover.corloc import CorLocAccumulator
 from discover.datasets import load_dataset
 from discover.images import read_image
-from discover.lost import lost
 from discover.methods import EmptyGraphError
+from discover.methods.lost import lost
 
 STRATEGIES: list[tuple[str, dict]] = [
     ("0 (reference)", {}),

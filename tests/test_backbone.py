@@ -9,14 +9,9 @@ import pytest
 import timm
 import torch
 
-from discover.backbone import (
-    MODELS,
-    Backbone,
-    cpu_supports_bf16,
-    list_models,
-    target_size,
-)
+from discover.backbone import Backbone, cpu_supports_bf16, target_size
 from discover.errors import ImageError, WeightsError
+from discover.models import MODELS, list_models
 
 
 def _rand_image(h: int, w: int, seed: int = 0) -> np.ndarray:

@@ -21,7 +21,7 @@ import torch
 from conftest import CLI_METHOD_OPTS, MODEL, save, scene, write_huge_png
 from PIL import Image
 
-from discover.backbone import DEFAULT_MODEL
+from discover.models import DEFAULT_MODEL
 from discover.outputs import read_jsonl
 from discover.pipeline import Detection, ImageResult
 from discover.viz import draw_result
@@ -234,7 +234,7 @@ def test_boxes_resume_after_a_torn_line_and_after_ctrl_c(
     assert len(read_jsonl(out)) == 4
     code, _, err = run_cli(*args, "--resume")
     assert code == 0, err
-    assert "resume: 4 image(s) already in" in err and "1 images" in err
+    assert "resume: 4 done, 1 to go" in err and "1 images" in err
     assert read_jsonl(out) == full  # no duplicate, nothing missing, same answers
     assert out.read_bytes().count(b"\n") == 5
 
@@ -397,7 +397,7 @@ def test_usage_errors_exit_2_without_a_traceback(run_cli):
 
 
 def test_models_lists_the_default(run_cli):
-    from discover.backbone import MODELS
+    from discover.models import MODELS
 
     code, out, _ = run_cli("models")
     assert code == 0 and DEFAULT_MODEL in out
@@ -426,7 +426,7 @@ def test_warning_lines_are_never_markup_or_wrapped(inputs):
     """A file name with rich markup must come out verbatim (it used to crash the run)."""
     from rich.console import Console
 
-    from discover.cli import _warn
+    from discover.console import warn as _warn
 
     console = Console(width=40, record=True, highlight=False, force_terminal=False)
     name = "imgs/[/bold] [x]notes.jpg " + "x" * 80

@@ -20,7 +20,7 @@ from discover.diagnostics import (
     resolve_threshold,
 )
 from discover.images import read_image
-from discover.lost import lost
+from discover.methods.lost import lost
 
 SAMPLES = sorted((Path(__file__).resolve().parent.parent / "samples").glob("*.jpg"))
 

@@ -164,12 +164,14 @@ def test_name_clashes_get_distinct_figures(tmp_path, backbones):
     p1 = _write_image(tmp_path / "one" / "x.png", SAMPLES[0])
     p2 = _write_image(tmp_path / "two" / "X.png", SAMPLES[1])
     rows = inspect_images([p1, p2], backbones[1:], tmp_path / "out")
-    assert [Path(r["png"]).name for r in rows] == ["x.png", "X_2.png"]
+    # one rule for every figure and output file name (discover.outputs.unique_stem): the
+    # path below the inputs' common folder, flattened
+    assert [Path(r["png"]).name for r in rows] == ["one__x.png", "two__X.png"]
     assert all(Path(r["png"]).is_file() for r in rows)
 
 
 def test_test_time_registers_are_split_off(tmp_path, backbones):
-    """A backbone with ``extra_registers`` (inserted after its prefix) reports them as registers."""
+    """Tokens declared with ``add_registers`` (inserted after the prefix) are registers."""
     plain = backbones[1][1]
     original = plain.model._pos_embed
 
@@ -181,13 +183,13 @@ def test_test_time_registers_are_split_off(tmp_path, backbones):
         return torch.cat([t[:, :n], extra, t[:, n:]], dim=1)
 
     plain.model._pos_embed = with_extra
-    plain.extra_registers = 1
+    plain.add_registers(1)
     try:
         img = _write_image(tmp_path / "x.png", SAMPLES[5])
         rows = inspect_images([img], [("plain+ttr", plain)], tmp_path / "out")
     finally:
         del plain.model._pos_embed
-        plain.extra_registers = 0
+        plain.remove_registers(1)
     assert rows[0]["error"] == ""
     assert rows[0]["num_patches"] == 96
     assert rows[0]["register_norms"] != ""

@@ -1,4 +1,4 @@
-"""Tests of discover.lost: known answers, properties and agreement with the reference."""
+"""Tests of discover.methods.lost: known answers, properties and agreement with the reference."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import pytest
 import scipy.ndimage
 import torch
 
-from discover.lost import DinoSegResult, LostResult, dino_seg, lost, resolve_gram_bias
 from discover.methods import EmptyGraphError, get_method
+from discover.methods.dino_seg import DinoSegResult, dino_seg
+from discover.methods.lost import LostResult, lost, resolve_gram_bias
 
 # --------------------------------------------------------------------------------------
 # Plain re-statements of the valeoai/LOST reference (object_discovery.py), written
@@ -137,7 +138,7 @@ def test_mask_is_four_connected():
 
 
 def test_registered_as_method():
-    assert get_method("lost") is lost
+    assert get_method("lost").fn is lost
 
 
 # --------------------------------------------------------------------------------------

@@ -7,12 +7,12 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from discover import methods
 from discover.boxes import mask_box
-from discover.lost import lost
-from discover.methods import EmptyGraphError
+from discover.methods import EmptyGraphError, Method, Params
+from discover.methods import base as methods_base
+from discover.methods.lost import lost
+from discover.methods.tokencut import tokencut
 from discover.objects import ObjectDetection, discover_objects
-from discover.tokencut import tokencut
 
 PLAIN = {"lost": lost, "tokencut": tokencut}
 H, W = 14, 16
@@ -128,7 +128,7 @@ def _scripted(monkeypatch, script):
         seed = int(torch.nonzero(mask.reshape(-1))[0])
         return _Fake(seed=seed, mask=mask, box=mask_box(mask), score=score)
 
-    monkeypatch.setitem(methods._REGISTRY, "_scripted", fn)
+    monkeypatch.setitem(methods_base._REGISTRY, "_scripted", Method("_scripted", fn, Params))
     return received
 
 
@@ -169,8 +169,9 @@ def test_loop_stops(monkeypatch):
     assert len(received) == 2  # stops at max_objects
     received = _scripted(monkeypatch, script)
     dets = discover_objects(FEATS, (8, 8), method="_scripted", max_objects=3, min_score=0.5)
-    assert [d.step for d in dets] == [0]  # stops at the first score below min_score
-    assert len(received) == 2
+    assert [d.step for d in dets] == [2, 0]  # b (0.2) is dropped, the search goes on to c
+    assert len(received) == 3
+    assert torch.equal(received[2], (a | b).reshape(-1))  # b's patches left the graph
     _scripted(monkeypatch, [(a, 0.8), None, (c, 0.9)])
     dets = discover_objects(FEATS, (8, 8), method="_scripted", max_objects=3)
     assert [d.step for d in dets] == [0]  # stops at EmptyGraphError

@@ -120,9 +120,12 @@ def test_jsonl_resume_drops_a_torn_line_and_appends(tmp_path):
 def test_jsonl_without_resume_starts_over(tmp_path):
     path = tmp_path / "out.jsonl"
     write_all(path, "jsonl", RECORDS)
+    before = path.read_text()
     with open_writer(path, "jsonl") as w:
         assert w.done == set()
-    assert path.read_text() == ""
+    assert path.read_text() == before  # nothing written: the old output is untouched
+    write_all(path, "jsonl", RECORDS[:1])
+    assert [r["image"] for r in read_jsonl(path)] == ["photos/a.jpg"]  # replaced
 
 
 # ----------------------------------------------------------------------------- coco
@@ -152,9 +155,13 @@ def _check_coco(data, records):
 def test_coco_results_and_images(tmp_path):
     path = tmp_path / "out.json"
     with open_writer(path, "coco") as w:
-        # valid from the start: a run that dies early still leaves a readable file
-        assert json.loads(path.read_text())["images"] == []
-        for r in RECORDS:
+        assert not path.exists()  # nothing is created before the first record...
+        w.write(RECORDS[0])
+        # ... and from then on it is valid: a run that dies early leaves a readable file
+        assert [im["file_name"] for im in json.loads(path.read_text())["images"]] == [
+            "photos/a.jpg"
+        ]
+        for r in RECORDS[1:]:
             w.write(r)
     data = json.loads(path.read_text())
     _check_coco(data, RECORDS)

@@ -22,7 +22,8 @@ import discover
 from discover.backbone import Backbone
 from discover.boxes import mask_box
 from discover.errors import ImageError
-from discover.pipeline import Detection, Discoverer, ImageResult, iter_image_paths
+from discover.images import iter_image_paths
+from discover.pipeline import Detection, Discoverer, ImageResult
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

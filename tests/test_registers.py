@@ -18,8 +18,9 @@ import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from discover.backbone import OFFLINE_MODEL, Backbone
+from discover.backbone import Backbone
 from discover.errors import RegdiscoverError, WeightsError
+from discover.models import OFFLINE_MODEL
 from discover.registers import (
     RegisterNeurons,
     TestTimeRegisters,
@@ -205,7 +206,7 @@ def _reference_forward(
     for b in range(x.shape[0]):
         t = model._pos_embed(model.patch_embed(x[b : b + 1]))
         pre, total = model.num_prefix_tokens, t.shape[1]
-        t = torch.cat([t, torch.zeros(1, n, t.shape[2])], dim=1)
+        t = torch.cat([t, t.new_zeros(1, n, t.shape[2])], dim=1)
         t = model.norm_pre(t)
         for li, blk in enumerate(model.blocks):
             t = t + blk.attn(blk.norm1(t))
@@ -225,11 +226,17 @@ def _reference_forward(
 
 @pytest.mark.parametrize(("reg_tokens", "n"), [(0, 1), (0, 2), (2, 1)])
 def test_layout_matches_an_independent_implementation(reg_tokens: int, n: int) -> None:
-    model = planted_vit(reg_tokens=reg_tokens)
+    # Both implementations run in float64: they add the same terms in another order
+    # (token order, batching), so they differ only by float64 rounding. With at most a few
+    # hundred terms per sum over 4 blocks of unit-scale activations that is below
+    # ~1e3 * 1.1e-16 relative, far under the 1e-9 allowed below, while any layout
+    # mistake (a token in the wrong place, an edit on the wrong token) is O(1). In
+    # float32 the same comparison depends on the CPU's summation kernels.
+    model = planted_vit(reg_tokens=reg_tokens).double()
     bb = Backbone("planted", model=model, features="tokens")
     assert bb.model_registers == reg_tokens
     ims = [image(s, 10 + i) for i, s in enumerate(SPOTS[:2])]
-    x = bb.to_tensor(ims)
+    x = bb.to_tensor(ims).double()
     neurons = RegisterNeurons(PLANTED + [(3, 7)])
     with attach_test_time_registers(bb, neurons, num_registers=n):
         feats = bb(x)
@@ -239,9 +246,10 @@ def test_layout_matches_an_independent_implementation(reg_tokens: int, n: int) -
     with torch.inference_mode():
         ref = _reference_forward(model, x, neurons.by_layer(), n)
     pre = 1 + reg_tokens + n
-    torch.testing.assert_close(feats.cls, ref[:, 0], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(feats.registers, ref[:, 1:pre], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(feats.patches, ref[:, pre:], rtol=1e-4, atol=1e-4)
+    assert ref.dtype == feats.patches.dtype == torch.float64
+    torch.testing.assert_close(feats.cls, ref[:, 0], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(feats.registers, ref[:, 1:pre], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(feats.patches, ref[:, pre:], rtol=1e-9, atol=1e-9)
     if n == 2:  # both test-time registers receive the same activations
         torch.testing.assert_close(feats.registers[:, -1], feats.registers[:, -2])
 

@@ -46,7 +46,7 @@ lower when no group of patches stands apart (it can even be slightly negative:
 It describes the graph that was cut, so a score computed with ``exclude`` is the
 separation found in the remaining patches.
 
-Degenerate graphs raise :class:`discover.methods.EmptyGraphError`: fewer than 3
+Degenerate graphs raise :class:`discover.methods.base.EmptyGraphError`: fewer than 3
 patches left (the reference asks for the 2nd and 3rd eigenpairs, which needs 3),
 or a graph without structure, i.e. every pair of distinct patches linked (e.g. all
 features identical) or no pair linked (every split is then equally good and the
@@ -56,6 +56,7 @@ eigenvector is arbitrary).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import scipy.linalg
@@ -66,11 +67,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from discover.boxes import mask_box
-from discover.methods import EmptyGraphError, check_inputs, register_method
+from discover.methods.base import EmptyGraphError, Method, Params, check_inputs, register
 
 __all__ = [
     "DENSE_MAX_PATCHES",
     "TIE_RTOL",
+    "TokenCutParams",
     "TokenCutResult",
     "tokencut",
     "tokencut_affinity",
@@ -200,16 +202,34 @@ def _lanczos_second(normalized: Tensor) -> tuple[float, Tensor]:
     return 1.0 - float(mus[second]), z / torch.linalg.vector_norm(z)
 
 
-@register_method("tokencut")
+@dataclass(frozen=True)
+class TokenCutParams(Params):
+    """TokenCut's parameters; the defaults are the reference's (YangtaoWANG95/TokenCut)."""
+
+    tau: float = 0.2
+    """Cosine-similarity threshold for an edge."""
+    eps: float = 1e-5
+    """Weight of non-edges (keeps the graph connected)."""
+    solver: str = "auto"
+    """Eigensolver: ``auto``, ``dense`` or ``lanczos`` (see :func:`second_eigenpair`)."""
+    center: bool = False
+    """Subtract the mean feature of the patches in the graph first (not in the reference)."""
+
+    def validate(self) -> None:
+        if not 0.0 < float(self.tau) < 1.0:
+            raise ValueError(f"tau must be in (0, 1) (a cosine similarity), got {self.tau}")
+        if not float(self.eps) > 0:
+            raise ValueError(f"eps must be positive (it keeps the graph connected), got {self.eps}")
+        if self.solver not in ("auto", "dense", "lanczos"):
+            raise ValueError(f"solver must be 'auto', 'dense' or 'lanczos', got {self.solver!r}")
+
+
 def tokencut(
     feats: Tensor,
     grid: tuple[int, int],
     *,
-    tau: float = 0.2,
-    eps: float = 1e-5,
     exclude: Tensor | None = None,
-    solver: str = "auto",
-    center: bool = False,
+    **params: Any,
 ) -> TokenCutResult:
     """Discover the main object of one image with TokenCut.
 
@@ -239,8 +259,8 @@ def tokencut(
         raise ValueError(f"feats must be a float tensor, got {feats.dtype}")
     if not bool(torch.isfinite(feats).all()):
         raise ValueError("feats contains NaN or infinite values")
-    if not eps > 0:
-        raise ValueError(f"eps must be positive (it keeps the graph connected), got {eps}")
+    p = TokenCutParams.build(params, "tokencut")
+    tau, eps, solver, center = float(p.tau), float(p.eps), p.solver, bool(p.center)
     device = feats.device
     if exclude is None:
         kept = torch.arange(h * w, device=device)
@@ -303,3 +323,15 @@ def tokencut(
         bipartition=full_side.reshape(h, w),
         eigenvalue=lam,
     )
+
+
+register(
+    Method(
+        "tokencut",
+        tokencut,
+        TokenCutParams,
+        # Without centring every cosine of DINOv2's keys exceeds tau: no cut at all.
+        defaults={"dinov2": {"center": True}},
+        summary="TokenCut normalized cut (Wang et al., CVPR 2022)",
+    )
+)

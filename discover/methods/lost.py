@@ -1,7 +1,5 @@
 """LOST: localizing objects with self-supervised transformers (Siméoni et al., BMVC 2021).
 
-Also the DINO-seg baseline of the same paper (:func:`dino_seg`).
-
 LOST on one image, with ``F`` the ``[N, D]`` patch features (the reference uses the keys of
 the last attention block, [CLS] removed) on an ``(h, w)`` grid:
 
@@ -26,18 +24,18 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import Any
 
-import numpy as np
 import scipy.ndimage
 import torch
 
 from discover.boxes import mask_box
-from discover.methods import EmptyGraphError, check_grid, check_inputs, register_method
+from discover.methods.base import EmptyGraphError, Method, Params, check_inputs, register
 
 __all__ = [
-    "DinoSegResult",
+    "LostParams",
     "LostResult",
-    "dino_seg",
+    "gram_bias_percentile",
     "lost",
     "resolve_gram_bias",
 ]
@@ -68,26 +66,6 @@ class LostResult:
     box: tuple[int, int, int, int]
     score: float
     gram_bias: float = 0.0
-
-
-@dataclass(frozen=True, eq=False)
-class DinoSegResult:
-    """Output of :func:`dino_seg`. Tensors are on the device of the attention.
-
-    Attributes:
-        kept: bool ``[h, w]``, patches in the kept share of the head's attention mass.
-        label: the connected-component label chosen (``0`` means the reference's fallback to
-            the *non-kept* region, see :func:`dino_seg`).
-        mask: bool ``[h, w]``, the chosen component.
-        box: ``(x0, y0, x1, y1)`` in patches, end exclusive.
-        score: share of the head's attention mass that falls inside ``mask``.
-    """
-
-    kept: torch.Tensor
-    label: int
-    mask: torch.Tensor
-    box: tuple[int, int, int, int]
-    score: float
 
 
 def _off_diagonal(a: torch.Tensor) -> torch.Tensor:
@@ -128,6 +106,23 @@ def resolve_gram_bias(A: torch.Tensor, bias: float | str) -> float:
         ValueError: for a malformed string, a percentile outside [0, 100] or a non-finite
             number.
     """
+    q = gram_bias_percentile(bias)
+    if q is not None:
+        if A.ndim != 2 or A.shape[0] != A.shape[1]:
+            raise ValueError(f"A must be a square matrix, got shape {tuple(A.shape)}")
+        off = _off_diagonal(A.float())
+        if off.numel() == 0:
+            return 0.0
+        return -_percentile(off, q)
+    return float(bias)
+
+
+def gram_bias_percentile(bias: float | str) -> float | None:
+    """The percentile of a ``"pNN"`` gram bias, ``None`` for a number (checked finite).
+
+    Raises:
+        ValueError: a malformed string, a percentile outside [0, 100] or a non-finite number.
+    """
     if isinstance(bias, str):
         match = _PERCENTILE.match(bias.strip())
         if match is None:
@@ -135,16 +130,10 @@ def resolve_gram_bias(A: torch.Tensor, bias: float | str) -> float:
         q = float(match.group(1))
         if not 0.0 <= q <= 100.0:
             raise ValueError(f"gram_bias percentile must be in [0, 100], got {bias!r}")
-        if A.ndim != 2 or A.shape[0] != A.shape[1]:
-            raise ValueError(f"A must be a square matrix, got shape {tuple(A.shape)}")
-        off = _off_diagonal(A.float())
-        if off.numel() == 0:
-            return 0.0
-        return -_percentile(off, q)
-    value = float(bias)
-    if not math.isfinite(value):
-        raise ValueError(f"gram_bias must be finite, got {bias!r}")
-    return value
+        return q
+    if isinstance(bias, bool) or not math.isfinite(float(bias)):
+        raise ValueError(f"gram_bias must be a finite number or 'pNN', got {bias!r}")
+    return None
 
 
 def _off_diagonal_std(A: torch.Tensor) -> float:
@@ -188,15 +177,31 @@ def _confidence(
     return share * contrast
 
 
-@register_method("lost")
+@dataclass(frozen=True)
+class LostParams(Params):
+    """LOST's parameters; the defaults are the reference's (valeoai/LOST)."""
+
+    k_patches: int = 100
+    """How many lowest-degree patches the seed expansion looks at."""
+    gram_bias: float | str = 0.0
+    """Constant added to the gram matrix, or ``"pNN"`` (see :func:`resolve_gram_bias`)."""
+    center: bool = False
+    """Subtract the mean feature of the patches in the graph first."""
+
+    def validate(self) -> None:
+        if isinstance(self.k_patches, bool) or int(self.k_patches) != self.k_patches:
+            raise ValueError(f"k_patches must be an integer, got {self.k_patches!r}")
+        if int(self.k_patches) < 1:
+            raise ValueError(f"k_patches must be >= 1, got {self.k_patches}")
+        gram_bias_percentile(self.gram_bias)
+
+
 def lost(
     feats: torch.Tensor,
     grid: tuple[int, int],
     *,
-    k_patches: int = 100,
-    gram_bias: float | str = 0.0,
-    center: bool = False,
     exclude: torch.Tensor | None = None,
+    **params: Any,
 ) -> LostResult:
     """Find one object with LOST.
 
@@ -248,10 +253,9 @@ def lost(
             reference raises a ``ValueError`` there too).
     """
     h, w, exclude = check_inputs(feats, grid, exclude)
+    p = LostParams.build(params, "lost")
+    k_patches, gram_bias, center = int(p.k_patches), p.gram_bias, bool(p.center)
     n = h * w
-    if int(k_patches) < 1:
-        raise ValueError(f"k_patches must be >= 1, got {k_patches}")
-    k_patches = int(k_patches)
     device = feats.device
 
     if exclude is None:
@@ -321,74 +325,15 @@ def lost(
     )
 
 
-def dino_seg(
-    cls_attn: torch.Tensor,
-    grid: tuple[int, int],
-    head: int = 0,
-    keep_mass: float = 0.6,
-) -> DinoSegResult:
-    """DINO-seg baseline of the LOST paper: box around the biggest blob of one head's attention.
-
-    The [CLS]-to-patch attention of ``head`` is thresholded to keep the patches holding the
-    top ``keep_mass`` share of its mass (the most attended patches first, the reference's
-    0.6); the kept patches are split into 4-connected components and the box is taken around
-    the biggest one. The component selection reproduces two quirks of the reference
-    ``object_discovery.dino_seg``:
-
-    - the component sizes are only measured for labels ``0 .. n_labels - 1``: the component
-      with the highest label is never a candidate, whatever its size;
-    - when fewer than two labels are measured (a single kept component, or none), the
-      reference falls back to label 0, i.e. the region *outside* the kept patches, and boxes
-      that. ``label`` in the result is then 0.
-
-    Ties in size go to the lowest label; ties in attention when sorting go by index.
-
-    Args:
-        cls_attn: ``[heads, N]`` attention from [CLS] to the patch tokens (registers removed).
-        grid: ``(h, w)`` of the patch grid.
-        head: which head to threshold (the reference script's default is 4).
-        keep_mass: share of the attention mass to keep, in (0, 1].
-
-    Raises:
-        ValueError: bad shapes or arguments.
-        EmptyGraphError: the chosen region is empty (the fallback with every patch kept,
-            e.g. ``N <= 2``; the reference crashes there).
-    """
-    if cls_attn.ndim != 2:
-        raise ValueError(f"cls_attn must be 2-D [heads, N], got shape {tuple(cls_attn.shape)}")
-    n_heads, n = cls_attn.shape
-    h, w = check_grid(n, grid, "cls_attn")
-    if not 0 <= head < n_heads:
-        raise ValueError(f"head must be in [0, {n_heads}), got {head}")
-    if not 0.0 < keep_mass <= 1.0:
-        raise ValueError(f"keep_mass must be in (0, 1], got {keep_mass}")
-
-    att = cls_attn[head].float()
-    values, order = torch.sort(att)  # the reference's (default) sort, see lost()
-    # Normalise the *sorted* values (the sum is taken in that order, as in the reference)
-    # and keep a patch once the cumulative share below it exceeds 1 - keep_mass.
-    kept_sorted = torch.cumsum(values / values.sum(), dim=0) > (1 - keep_mass)
-    kept_flat = torch.empty_like(kept_sorted)
-    kept_flat[order] = kept_sorted
-    kept = kept_flat.reshape(h, w)
-
-    labels, _ = scipy.ndimage.label(kept.cpu().numpy())
-    n_labels = int(labels.max())
-    # Quirk reproduced on purpose: sizes exist for labels below n_labels only.
-    sizes = np.bincount(labels.ravel(), minlength=n_labels)[:n_labels]
-    if len(sizes) > 1:
-        chosen = int(np.argmax(sizes[1:])) + 1
-    else:
-        chosen = 0
-    component = torch.from_numpy(labels == chosen)
-    if not bool(component.any()):
-        raise EmptyGraphError(
-            f"DINO-seg selected an empty region (label {chosen} of {n_labels} components)"
-        )
-    box = mask_box(component)
-    mask = component.to(cls_attn.device)
-
-    total = float(att.sum())
-    inside = float(att[mask.reshape(-1)].sum())
-    score = inside / total if total > 0 and math.isfinite(total) else 0.0
-    return DinoSegResult(kept=kept, label=chosen, mask=mask, box=box, score=score)
+register(
+    Method(
+        "lost",
+        lost,
+        LostParams,
+        # DINOv2's last-layer keys have all-positive dot products: every patch gets full
+        # degree and plain LOST returns the whole image; subtracting the image's mean
+        # feature restores a signed graph (README, "Calibration").
+        defaults={"dinov2": {"center": True}},
+        summary="LOST seed expansion (Simeoni et al., BMVC 2021)",
+    )
+)

@@ -1,0 +1,41 @@
+"""Discovery methods: the contract (:mod:`discover.methods.base`) and the built-ins.
+
+Importing the package imports every built-in method module, and each registers its
+:class:`~discover.methods.base.Method` record, as timm's ``models/__init__`` does for
+its architectures. A new built-in method is one module plus one line below.
+"""
+
+from discover.methods.base import (
+    FEATURE_SETTINGS,
+    INPUTS,
+    EmptyGraphError,
+    Method,
+    MethodResult,
+    Params,
+    check_grid,
+    check_inputs,
+    get_method,
+    method_names,
+    register,
+    unregister,
+)
+
+# The built-in methods (each module registers itself).
+from discover.methods import lost  # noqa: E402,F401  isort: skip
+from discover.methods import tokencut  # noqa: E402,F401  isort: skip
+from discover.methods import dino_seg  # noqa: E402,F401  isort: skip
+
+__all__ = [
+    "FEATURE_SETTINGS",
+    "INPUTS",
+    "EmptyGraphError",
+    "Method",
+    "MethodResult",
+    "Params",
+    "check_grid",
+    "check_inputs",
+    "get_method",
+    "method_names",
+    "register",
+    "unregister",
+]
