@@ -306,6 +306,26 @@ class Backbone(nn.Module):
         """
         kind = check_feature_kind(features or self.features)
         li = self.layer if layer is None else self.block_index(layer)
+        return self._run(x, (kind,), li, norms=norms, attention=attention)[kind]
+
+    @torch.inference_mode()
+    def forward_all(
+        self,
+        x: torch.Tensor,
+        kinds: Sequence[str] = FEATURE_KINDS,
+        *,
+        layer: int | None = None,
+        attention: bool = False,
+    ) -> dict[str, Features]:
+        """Several feature kinds of one block from a single forward (for calibration
+        sweeps): ``{kind: Features}``, each as :meth:`forward` returns it."""
+        kinds = tuple(check_feature_kind(k) for k in kinds)
+        li = self.layer if layer is None else self.block_index(layer)
+        return self._run(x, kinds, li, norms=False, attention=attention)
+
+    def _run(
+        self, x: torch.Tensor, kinds: tuple[str, ...], li: int, *, norms: bool, attention: bool
+    ) -> dict[str, Features]:
         B, _, H, W = x.shape
         p = self.patch_size
         if H % p or W % p:
@@ -315,9 +335,10 @@ class Backbone(nn.Module):
         last = self.depth - 1
         # The blocks to run, and of which the q/k/v projection or the output is wanted.
         stop = last if (norms or attention) else li
-        qkv_at = {i for i in (li if kind != "tokens" else None, last if attention else None)}
-        qkv_at.discard(None)
-        out_at = {li} if kind == "tokens" else set()
+        qkv_at = {last} if attention else set()
+        if any(k != "tokens" for k in kinds):
+            qkv_at.add(li)
+        out_at = {li} if "tokens" in kinds else set()
         if norms:
             out_at.add(last)
         if self.precision == "bf16":
@@ -344,28 +365,33 @@ class Backbone(nn.Module):
                 if i in out_at:
                     outs[i] = t
         D = self.embed_dim
-        if kind == "tokens":
-            tok = m.norm(outs[li]) if li == last else outs[li]
-        else:
-            j = ("queries", "keys", "values").index(kind)
-            tok = qkv[li][..., j * D : (j + 1) * D]
         n_pre = self.num_prefix_tokens
-        T = tok.shape[1]
-        if T != n_pre + grid[0] * grid[1]:
-            raise RuntimeError(
-                f"token bookkeeping broken: {T} tokens, expected {n_pre} prefix + "
-                f"{grid[0]}x{grid[1]} patches"
+        token_norms = outs[last].float().norm(dim=-1) if norms else None
+        cls_attn = self._cls_attention(qkv[last]) if attention else None
+        result = {}
+        for kind in kinds:
+            if kind == "tokens":
+                tok = m.norm(outs[li]) if li == last else outs[li]
+            else:
+                j = ("queries", "keys", "values").index(kind)
+                tok = qkv[li][..., j * D : (j + 1) * D]
+            T = tok.shape[1]
+            if T != n_pre + grid[0] * grid[1]:
+                raise RuntimeError(
+                    f"token bookkeeping broken: {T} tokens, expected {n_pre} prefix + "
+                    f"{grid[0]}x{grid[1]} patches"
+                )
+            result[kind] = Features(
+                patches=tok[:, n_pre:],
+                cls=tok[:, 0],
+                registers=tok[:, self.num_cls : n_pre],
+                grid=grid,
+                patch_size=p,
+                token_norms=token_norms,
+                cls_attention=cls_attn,
+                num_prefix_tokens=n_pre,
             )
-        return Features(
-            patches=tok[:, n_pre:],
-            cls=tok[:, 0],
-            registers=tok[:, self.num_cls : n_pre],
-            grid=grid,
-            patch_size=p,
-            token_norms=outs[last].float().norm(dim=-1) if norms else None,
-            cls_attention=self._cls_attention(qkv[last]) if attention else None,
-            num_prefix_tokens=n_pre,
-        )
+        return result
 
     def extract(self, images: Sequence[np.ndarray], **kwargs) -> tuple[Features, list[Prepared]]:
         """Prepare, batch and run equal-size RGB uint8 images in one forward."""

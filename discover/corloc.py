@@ -29,7 +29,7 @@ import torch
 
 from discover.boxes import box_iou
 
-__all__ = ["CorLocAccumulator", "is_correct"]
+__all__ = ["CorLocAccumulator", "is_correct", "predictions"]
 
 BoxLike = Sequence[float] | np.ndarray | torch.Tensor
 
@@ -57,6 +57,18 @@ def _hits(pred_box: Any, gt: np.ndarray | torch.Tensor, threshold: float) -> tor
     if len(gt) == 0:
         return torch.zeros(0, dtype=torch.bool)
     return (box_iou(pred_box, gt) >= threshold).cpu()
+
+
+def predictions(boxes: Sequence[Sequence[float]] | None) -> np.ndarray | None:
+    """Predicted boxes as stored in an output record, ready for :func:`is_correct`:
+    ``None`` for no box; int64 when every coordinate is a whole number (the reference's
+    integer arithmetic), float64 otherwise."""
+    if not boxes:
+        return None
+    pred = np.asarray(boxes)
+    if np.all(np.mod(pred, 1) == 0):
+        return pred.astype(np.int64)
+    return pred.astype(np.float64)
 
 
 def is_correct(pred_box: BoxLike, gt_boxes: Any, threshold: float = 0.5) -> bool:

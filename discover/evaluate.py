@@ -16,9 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from discover.corloc import CorLocAccumulator
+from discover.corloc import CorLocAccumulator, predictions
 from discover.datasets import Dataset, Sample
 from discover.errors import RegdiscoverError
 from discover.outputs import JsonlWriter, read_jsonl, result_record
@@ -152,10 +150,7 @@ class EvalRun:
         return {"acc": self.acc.to_dict(), "processed": self.processed, "elapsed": self.elapsed}
 
     def _score(self, sample: Sample, rec: dict[str, Any]) -> bool:
-        boxes = rec.get("boxes") or []
-        pred = np.asarray(boxes) if boxes else None
-        if pred is not None and np.all(np.mod(pred, 1) == 0):
-            pred = pred.astype(np.int64)  # integer boxes: the reference's arithmetic
+        pred = predictions(rec.get("boxes"))
         return self.acc.add(sample.image_id, pred, sample.boxes, error=rec.get("error"))
 
     def summary(self, **extra: Any) -> dict[str, Any]:

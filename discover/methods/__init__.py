@@ -24,6 +24,8 @@ from discover.methods.base import (
 from discover.methods import lost  # noqa: E402,F401  isort: skip
 from discover.methods import tokencut  # noqa: E402,F401  isort: skip
 from discover.methods import dino_seg  # noqa: E402,F401  isort: skip
+from discover.methods import found  # noqa: E402,F401  isort: skip
+from discover.methods import spectral  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "FEATURE_SETTINGS",

@@ -1,0 +1,506 @@
+"""The calibration harness: measure discovery settings on an annotated benchmark.
+
+A sweep over hundreds of settings takes minutes, not hours, because the backbone runs
+once per (model, block, input size) and image: :class:`FeatureCache` keeps every
+feature kind of that block and the last block's [CLS] attention on disk, keyed by the
+image file's content hash and those settings (and the model's weights), and the methods
+then run on the cached tensors.
+
+Each image is prepared exactly as :class:`discover.pipeline.Discoverer` prepares it at
+that input size (read, EXIF, the same resize and padding), and its boxes are scored
+exactly as ``discover eval`` scores them, so a setting measured here gives the same
+CorLoc through the command line.
+
+Per setting (:func:`summarize`): CorLoc with a bootstrap interval over images, the mean
+IoU of the top box with its best ground truth, CorLoc per size stratum (the largest
+ground-truth object under 20%, 20-50%, over 50% of the image), and images/s at that
+input size (the forward measured when the features were cached, plus the method).
+Two baselines stand beside every table: the whole image, and a centred box of half the
+image's area.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from discover.backbone import FEATURE_KINDS, Backbone
+from discover.boxes import box_iou, patch_box_to_pixels
+from discover.corloc import is_correct, predictions
+from discover.datasets import Sample
+from discover.errors import RegdiscoverError, first_line
+from discover.images import read_image
+from discover.methods import EmptyGraphError, get_method
+from discover.objects import discover_objects
+from discover.outputs import atomic_write
+from discover.stats import Interval, bootstrap_interval
+
+__all__ = [
+    "BASELINES",
+    "SIZES",
+    "STRATA",
+    "Evaluated",
+    "FeatureCache",
+    "ImageFeatures",
+    "Row",
+    "Setting",
+    "evaluate_baseline",
+    "evaluate_setting",
+    "extract_features",
+    "largest_object_share",
+    "summarize",
+]
+
+SIZES: tuple[int | None, ...] = (None, 224, 336, 448, 518, 672, 896)
+"""Input sizes of the sweep: native (``None``), then the longer side in pixels."""
+STRATA = (("<20%", 0.0, 0.2), ("20-50%", 0.2, 0.5), (">50%", 0.5, 1.01))
+"""Size strata: the largest ground-truth object's share of the image area."""
+BASELINES = ("whole image", "centre box (half area)")
+CACHE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One way of discovering: a method with parameters, on features of an input size."""
+
+    method: str
+    params: tuple[tuple[str, Any], ...] = ()
+    features: str = "keys"
+    layer: int = -1
+    size: int | None = None
+    """The longer side of the network input (``None``: native size, the protocol)."""
+
+    @classmethod
+    def of(cls, method: str, features: str = "keys", layer: int = -1, size: int | None = None,
+           **params: Any) -> Setting:  # fmt: skip
+        return cls(method, tuple(sorted(params.items())), features, layer, size)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.params)
+
+    def label(self) -> str:
+        opts = " ".join(f"{k}={v}" for k, v in self.params)
+        layer = "" if self.layer == -1 else f" L{self.layer}"
+        opts = " " + opts if opts else ""
+        return f"{self.method} {self.features}{layer}{opts} @{size_label(self.size)}"
+
+
+def size_label(size: int | None) -> str:
+    return "native" if size is None else str(size)
+
+
+# -- features -------------------------------------------------------------------------------
+@dataclass
+class ImageFeatures:
+    """What the backbone gives for one image at one input size, as cached."""
+
+    kinds: dict[str, torch.Tensor]
+    """``{kind: [N, D] float32}`` for every feature kind of the cached block."""
+    cls_attention: torch.Tensor
+    """``[heads, N]``, the last block's [CLS] attention on the patches."""
+    grid: tuple[int, int]
+    patch_size: int
+    input_size: tuple[int, int]
+    scale: tuple[float, float]
+    original_size: tuple[int, int]
+    seconds: float
+    """Wall time of reading, preparing and the forward pass when it was computed."""
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def model_fingerprint(backbone: Backbone) -> str:
+    """A short hash of the model's weights, its name and what the wrapper adds."""
+    h = hashlib.sha256(f"{backbone.name}|{backbone.num_registers}|{backbone.precision}".encode())
+    for name, tensor in sorted(backbone.model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class FeatureCache:
+    """Cached features on disk: ``ROOT/<model fingerprint>/L<layer>-S<size>/<sha>.pt``.
+
+    Changing the image file (its content hash), the model weights, the block or the
+    input size changes the key; an entry of another cache format is recomputed. Entries
+    are written atomically, so an interrupted extraction keeps every finished one.
+    """
+
+    def __init__(self, root: str | Path, backbone: Backbone) -> None:
+        self.root = Path(root)
+        self.backbone = backbone
+        self.fingerprint = model_fingerprint(backbone)
+        self._sha: dict[str, str] = {}
+
+    def path(self, image: str | Path, size: int | None, layer: int) -> Path:
+        st = Path(image).stat()
+        key = f"{image}|{st.st_mtime_ns}|{st.st_size}"  # a changed file is hashed again
+        if key not in self._sha:
+            self._sha[key] = file_sha256(image)
+        li = self.backbone.block_index(layer)
+        return self.root / self.fingerprint / f"L{li}-S{size_label(size)}" / f"{self._sha[key]}.pt"
+
+    def load(self, image: str | Path, size: int | None, layer: int) -> ImageFeatures | None:
+        p = self.path(image, size, layer)
+        if not p.is_file():
+            return None
+        try:
+            data = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - a torn or foreign file is simply recomputed
+            return None
+        if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT:
+            return None
+        return ImageFeatures(
+            kinds=dict(data["kinds"]),
+            cls_attention=data["cls_attention"],
+            grid=tuple(data["grid"]),
+            patch_size=int(data["patch_size"]),
+            input_size=tuple(data["input_size"]),
+            scale=tuple(data["scale"]),
+            original_size=tuple(data["original_size"]),
+            seconds=float(data["seconds"]),
+        )
+
+    def store(self, image: str | Path, size: int | None, layer: int, f: ImageFeatures) -> None:
+        buf = io.BytesIO()
+        torch.save(
+            {
+                "format": CACHE_FORMAT,
+                "kinds": f.kinds,
+                "cls_attention": f.cls_attention,
+                "grid": list(f.grid),
+                "patch_size": f.patch_size,
+                "input_size": list(f.input_size),
+                "scale": list(f.scale),
+                "original_size": list(f.original_size),
+                "seconds": f.seconds,
+            },
+            buf,
+        )
+        atomic_write(self.path(image, size, layer), buf.getvalue())
+
+    def compute(self, image: str | Path, size: int | None, layer: int) -> ImageFeatures:
+        """Run the backbone on one image as the pipeline would at ``size``."""
+        bb = self.backbone
+        t0 = time.perf_counter()
+        saved = bb.max_size
+        bb.max_size = size
+        try:
+            loaded = read_image(image, max_side=size * 2 if size else None)
+            prepared = bb.prepare(loaded.array, loaded.original_size)
+            feats = bb.forward_all(bb.to_tensor([prepared.array]), layer=layer, attention=True)
+        finally:
+            bb.max_size = saved
+        any_kind = next(iter(feats.values()))
+        return ImageFeatures(
+            kinds={k: v.patches[0].float().cpu().clone() for k, v in feats.items()},
+            cls_attention=any_kind.patch_attention()[0].float().cpu().clone(),
+            grid=any_kind.grid,
+            patch_size=any_kind.patch_size,
+            input_size=prepared.input_size,
+            scale=prepared.scale,
+            original_size=prepared.original_size,
+            seconds=time.perf_counter() - t0,
+        )
+
+    def get(self, image: str | Path, size: int | None, layer: int) -> ImageFeatures:
+        cached = self.load(image, size, layer)
+        if cached is None:
+            cached = self.compute(image, size, layer)
+            self.store(image, size, layer, cached)
+        return cached
+
+
+def extract_features(
+    cache: FeatureCache,
+    samples: Sequence[Sample],
+    sizes: Iterable[int | None],
+    layers: Iterable[int] = (-1,),
+    progress: Callable[[str], None] | None = None,
+) -> int:
+    """Fill the cache for every (sample, size, layer); returns how many were computed.
+
+    An image that cannot be read is skipped here (its settings count it as a failure).
+    """
+    computed = 0
+    for size, layer in itertools.product(list(sizes), list(layers)):
+        for s in samples:
+            if cache.load(s.path, size, layer) is None:
+                try:
+                    cache.store(s.path, size, layer, cache.compute(s.path, size, layer))
+                    computed += 1
+                except RegdiscoverError:
+                    pass
+            if progress is not None:
+                progress(f"features @{size_label(size)}")
+    return computed
+
+
+# -- scoring ----------------------------------------------------------------------------------
+@dataclass
+class Evaluated:
+    """A setting (or baseline) scored on every sample, in sample order."""
+
+    label: str
+    setting: Setting | None
+    boxes: list[list[float] | None]
+    hits: np.ndarray
+    ious: np.ndarray
+    method_seconds: np.ndarray
+    forward_seconds: np.ndarray
+    errors: list[str | None] = field(default_factory=list)
+
+
+def largest_object_share(sample: Sample) -> float:
+    """The area of the sample's largest ground-truth box over the image area."""
+    if sample.width is None or sample.height is None or len(sample.boxes) == 0:
+        return 0.0
+    b = sample.boxes.astype(np.float64)
+    areas = (b[:, 2] - b[:, 0]).clip(min=0) * (b[:, 3] - b[:, 1]).clip(min=0)
+    return float(areas.max() / (sample.width * sample.height))
+
+
+def _score(box: list[float] | None, sample: Sample) -> tuple[bool, float]:
+    pred = predictions([box] if box is not None else None)
+    if pred is None or len(sample.boxes) == 0:
+        return False, 0.0
+    iou = float(box_iou(pred[0], sample.boxes).max())
+    return is_correct(pred[0], sample.boxes), iou
+
+
+def _record_box(box: Sequence[float]) -> list[float]:
+    """A pixel box as an output record stores it (whole numbers as ints, else 2 decimals)."""
+    out = []
+    for v in box:
+        f = float(v)
+        out.append(int(f) if f.is_integer() else round(f, 2))
+    return out
+
+
+def evaluate_setting(
+    setting: Setting, samples: Sequence[Sample], cache: FeatureCache, max_objects: int = 1
+) -> Evaluated:
+    """Run ``setting`` on the cached features of every sample and score its top box."""
+    method = get_method(setting.method)
+    params = method.params.build(setting.options, method.name)
+    n = len(samples)
+    out = Evaluated(setting.label(), setting, [], np.zeros(n, bool), np.zeros(n), np.zeros(n),
+                    np.zeros(n))  # fmt: skip
+    for i, s in enumerate(samples):
+        box: list[float] | None = None
+        error = s.error
+        if error is None:
+            f = cache.load(s.path, setting.size, setting.layer)
+            if f is None:
+                error = "features not cached (unreadable image?)"
+            else:
+                out.forward_seconds[i] = f.seconds
+                inputs = {"cls_attention": f.cls_attention} if method.needs else {}
+                t0 = time.perf_counter()
+                try:
+                    objs = discover_objects(
+                        f.kinds[setting.features], f.grid, method=method,
+                        max_objects=max_objects, inputs=inputs, params=params,
+                    )  # fmt: skip
+                    if objs:
+                        pixel = patch_box_to_pixels(
+                            objs[0].box, f.patch_size, f.input_size, f.scale
+                        )
+                        box = _record_box(pixel)
+                except (EmptyGraphError, ValueError) as e:
+                    error = first_line(e)
+                out.method_seconds[i] = time.perf_counter() - t0
+        out.boxes.append(box)
+        out.errors.append(error)
+        out.hits[i], out.ious[i] = _score(box, s)
+    return out
+
+
+def evaluate_baseline(name: str, samples: Sequence[Sample]) -> Evaluated:
+    """A box that ignores the image: ``whole image`` or a centred box of half its area."""
+    if name not in BASELINES:
+        raise ValueError(f"unknown baseline {name!r}; choose one of {BASELINES}")
+    n = len(samples)
+    out = Evaluated(name, None, [], np.zeros(n, bool), np.zeros(n), np.zeros(n), np.zeros(n))
+    for i, s in enumerate(samples):
+        box = None
+        if s.width and s.height and s.error is None:
+            w, h = s.width, s.height
+            if name == BASELINES[0]:
+                box = [0, 0, w, h]
+            else:
+                f = 1 / math.sqrt(2)  # half the area, the image's aspect ratio
+                bw, bh = w * f, h * f
+                box = _record_box([(w - bw) / 2, (h - bh) / 2, (w + bw) / 2, (h + bh) / 2])
+        out.boxes.append(box)
+        out.errors.append(None if box else s.error or "no size")
+        out.hits[i], out.ious[i] = _score(box, s)
+    return out
+
+
+@dataclass
+class Row:
+    """One line of a calibration table."""
+
+    label: str
+    n: int
+    corloc: Interval
+    mean_iou: float
+    strata: dict[str, tuple[float, int]]
+    """``{stratum: (CorLoc, images)}``."""
+    images_per_s: float | None
+    setting: Setting | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "setting": self.label,
+            "images": self.n,
+            "corloc": round(100 * self.corloc.value, 2),
+            "corloc_low": round(100 * self.corloc.low, 2),
+            "corloc_high": round(100 * self.corloc.high, 2),
+            "mean_iou": round(100 * self.mean_iou, 2),
+        }
+        for name, (value, count) in self.strata.items():
+            d[f"corloc {name}"] = round(100 * value, 2) if count else None
+            d[f"images {name}"] = count
+        d["images_per_s"] = None if self.images_per_s is None else round(self.images_per_s, 3)
+        return d
+
+
+def summarize(ev: Evaluated, samples: Sequence[Sample], *, resamples: int = 2000) -> Row:
+    """CorLoc with its 95% bootstrap interval, mean IoU, strata and speed of ``ev``."""
+    shares = np.array([largest_object_share(s) for s in samples])
+    strata = {}
+    for name, lo, hi in STRATA:
+        sel = (shares >= lo) & (shares < hi)
+        strata[name] = (float(ev.hits[sel].mean()) if sel.any() else math.nan, int(sel.sum()))
+    speed = None
+    if ev.setting is not None:
+        per_image = np.median(ev.forward_seconds) + np.median(ev.method_seconds)
+        speed = 1.0 / per_image if per_image > 0 else None
+    return Row(
+        ev.label,
+        len(samples),
+        bootstrap_interval(ev.hits.astype(float), resamples=resamples),
+        float(ev.ious.mean()),
+        strata,
+        speed,
+        ev.setting,
+    )
+
+
+def best_by_rule(rows: Sequence[Row], cost: Mapping[str, float] | None = None) -> Row:
+    """The README's selection rule: the best CorLoc; among the rows whose interval
+    overlaps the best one's, the simplest and fastest (the fewest non-reference
+    parameters, then the most images/s, then the label)."""
+    if not rows:
+        raise ValueError("no row to choose from")
+    top = max(rows, key=lambda r: r.corloc.value)
+    close = [r for r in rows if r.corloc.overlaps(top.corloc) and r.setting is not None]
+
+    def simplicity(r: Row) -> tuple:
+        extra = (cost or {}).get(r.label, len(r.setting.params) if r.setting else 0)
+        return (extra, -(r.images_per_s or 0.0), r.label)
+
+    return min(close or [top], key=simplicity)
+
+
+# -- the sweep ---------------------------------------------------------------------------------
+GRID: dict[str, dict[str, tuple[Any, ...]]] = {
+    "lost": {"center": (False, True), "gram_bias": (0.0, -10.0, "p10", "p20", "p30", "p50")},
+    "tokencut": {"center": (False, True), "tau": (0.1, 0.2, 0.3, 0.5)},
+    "found": {"center": (False, True), "bkg_th": (0.1, 0.2, 0.3, 0.4, 0.5)},
+    "spectral": {"center": (False, True)},
+    "dino_seg": {"head": (0, 1, 2, 3, 4, 5)},
+}
+"""Parameter values swept per method (every combination, every feature kind)."""
+FEATURELESS = {"dino_seg"}
+"""Methods that read only the attention: swept once, not per feature kind."""
+
+
+def default_grid(
+    sizes: Iterable[int | None] = SIZES,
+    methods: Iterable[str] | None = None,
+    kinds: Iterable[str] = FEATURE_KINDS,
+    layers: Iterable[int] = (-1,),
+) -> list[Setting]:
+    """Every combination of :data:`GRID` for ``methods`` (default: all of them)."""
+    out = []
+    for method in methods or GRID:
+        grid = GRID.get(method, {})
+        keys = sorted(grid)
+        for size, layer in itertools.product(list(sizes), list(layers)):
+            for kind in ["keys"] if method in FEATURELESS else list(kinds):
+                for values in itertools.product(*(grid[k] for k in keys)):
+                    out.append(
+                        Setting.of(
+                            method, kind, layer, size, **dict(zip(keys, values, strict=True))
+                        )
+                    )
+    return out
+
+
+def sweep(
+    settings: Sequence[Setting],
+    samples: Sequence[Sample],
+    cache: FeatureCache,
+    progress: Callable[[Evaluated], None] | None = None,
+) -> list[Evaluated]:
+    """Evaluate every setting (features must be cached: see :func:`extract_features`)."""
+    out = []
+    for setting in settings:
+        ev = evaluate_setting(setting, samples, cache)
+        out.append(ev)
+        if progress is not None:
+            progress(ev)
+    return out
+
+
+def markdown_table(rows: Sequence[Row]) -> str:
+    """The rows as a markdown table: CorLoc with interval, mean IoU, strata, speed."""
+    if not rows:
+        return ""
+    head = ["setting", "CorLoc % [95% CI]", "mIoU %"]
+    head += [f"{name} (n={rows[0].strata[name][1]})" for name, _, _ in STRATA]
+    head.append("img/s")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
+    for r in rows:
+        cells = [
+            r.label.replace("|", "/"),
+            f"{100 * r.corloc.value:.1f} [{100 * r.corloc.low:.1f}, {100 * r.corloc.high:.1f}]",
+            f"{100 * r.mean_iou:.1f}",
+        ]
+        for name, _, _ in STRATA:
+            value, count = r.strata[name]
+            cells.append("-" if not count else f"{100 * value:.1f}")
+        cells.append("-" if r.images_per_s is None else f"{r.images_per_s:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(rows: Sequence[Row], path: str | Path) -> None:
+    import csv
+
+    dicts = [r.as_dict() for r in rows]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, list(dicts[0]) if dicts else ["setting"])
+    writer.writeheader()
+    writer.writerows(dicts)
+    atomic_write(Path(path), buf.getvalue())

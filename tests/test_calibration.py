@@ -1,0 +1,115 @@
+"""The calibration harness (discover.calibration): the feature cache and its keys, and
+scores that equal those of the pipeline and of ``discover eval``."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import MODEL
+from discover import calibration as cal
+from discover.backbone import Backbone
+from discover.datasets import load_dataset
+from discover.outputs import result_record
+from discover.pipeline import Discoverer
+from discover.runs import evaluate
+from fixtures_voc import write_voc_tree
+
+
+@pytest.fixture(scope="module")
+def voc(tmp_path_factory):
+    root = tmp_path_factory.mktemp("calvoc")
+    write_voc_tree(root)
+    return root
+
+
+@pytest.fixture
+def bb(vit_and_checkpoint):
+    return Backbone(MODEL, model=copy.deepcopy(vit_and_checkpoint[0]))
+
+
+def test_cache_keys_follow_the_file_the_size_the_block_and_the_weights(tmp_path, bb, voc):
+    sample = next(s for s in load_dataset("voc07", voc) if s.error is None)
+    image = tmp_path / "x.jpg"
+    shutil.copy(sample.path, image)
+    cache = cal.FeatureCache(tmp_path / "cache", bb)
+    f = cache.get(image, None, -1)
+    path = cache.path(image, None, -1)
+    assert path.is_file()
+    assert set(f.kinds) == {"keys", "queries", "values", "tokens"}
+    assert f.cls_attention.shape == (bb.num_heads, f.grid[0] * f.grid[1])
+    again = cache.load(image, None, -1)
+    assert torch.equal(again.kinds["keys"], f.kinds["keys"]) and again.grid == f.grid
+    assert cache.path(image, 224, -1) != path and cache.path(image, None, -2) != path
+    # another file content: another key (the name is the same)
+    data = bytearray(image.read_bytes())
+    data[-3] ^= 0xFF  # inside the JPEG's entropy-coded data, before its end marker
+    image.write_bytes(bytes(data))
+    fresh = cal.FeatureCache(tmp_path / "cache", bb)
+    assert fresh.path(image, None, -1) != path and fresh.load(image, None, -1) is None
+    # other weights: another fingerprint
+    with torch.no_grad():
+        bb.model.blocks[0].mlp.fc1.weight.add_(1e-3)
+    assert cal.FeatureCache(tmp_path / "cache", bb).fingerprint != cache.fingerprint
+    # a torn entry is recomputed, not trusted
+    shutil.copy(sample.path, image)  # the first content again: its entry is found...
+    assert cache.load(image, None, -1) is not None
+    path.write_bytes(b"torn")  # ... and a torn entry is recomputed, not trusted
+    assert cache.load(image, None, -1) is None
+    assert cache.get(image, None, -1).grid == f.grid and path.stat().st_size > 100
+
+
+def test_scores_equal_the_pipeline_and_discover_eval(tmp_path, bb, voc):
+    samples = list(load_dataset("voc07", voc))
+    cache = cal.FeatureCache(tmp_path / "cache", bb)
+    for size in (None, 56):
+        cal.extract_features(cache, samples, [size])
+        setting = cal.Setting.of("lost", "keys", -1, size, center=True, gram_bias=0.0)
+        ev = cal.evaluate_setting(setting, samples, cache)
+        disc = Discoverer(backbone=bb, method="lost", center=True, gram_bias=0.0)
+        bb.max_size = size
+        try:
+            ok = [s for s in samples if s.error is None]
+            boxes = [result_record(r, "x")["boxes"] for r in disc.run([s.path for s in ok])]
+            by_id = dict(zip([s.image_id for s in ok], boxes, strict=True))
+            for s, box in zip(samples, ev.boxes, strict=True):
+                if s.error is None:
+                    assert [box] == by_id[s.image_id], (size, s.image_id)
+            run = evaluate("voc07", voc, out_dir=tmp_path / f"eval{size}", discoverer=disc)
+        finally:
+            bb.max_size = None
+        assert run.run.acc.correct == int(ev.hits.sum())
+        assert run.run.acc.total == len(samples)
+        row = cal.summarize(ev, samples)
+        assert row.corloc.value == pytest.approx(ev.hits.mean())
+        assert row.corloc.low <= row.corloc.value <= row.corloc.high
+        assert sum(n for _, n in row.strata.values()) == len(samples)
+
+
+def test_baselines():
+    from discover.datasets import Sample
+
+    big = Sample("a", None, 100, 80, boxes=np.array([[0, 0, 100, 80]]))
+    small = Sample("b", None, 100, 80, boxes=np.array([[20, 20, 30, 30]]))
+    centred = Sample("c", None, 100, 80, boxes=np.array([[15, 12, 85, 68]]))
+    whole = cal.evaluate_baseline("whole image", [big, small, centred])
+    assert whole.hits.tolist() == [True, False, False]  # 70x56 of 100x80: IoU 0.49
+    half = cal.evaluate_baseline("centre box (half area)", [big, small, centred])
+    x0, y0, x1, y1 = half.boxes[0]
+    assert (x1 - x0) * (y1 - y0) == pytest.approx(100 * 80 / 2, rel=0.01)
+    assert half.hits.tolist() == [False, False, True]
+    with pytest.raises(ValueError):
+        cal.evaluate_baseline("nope", [big])
+
+
+def test_default_grid_covers_every_method_and_size():
+    grid = cal.default_grid()
+    assert {s.method for s in grid} == set(cal.GRID)
+    assert {s.size for s in grid} == set(cal.SIZES)
+    assert len({s.label() for s in grid}) == len(grid)  # labels name settings uniquely
+    lost = [s for s in grid if s.method == "lost" and s.size is None and s.features == "keys"]
+    assert len(lost) == 2 * 6
