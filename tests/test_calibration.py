@@ -9,15 +9,15 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
 from conftest import MODEL
+from fixtures_voc import write_voc_tree
+
 from discover import calibration as cal
 from discover.backbone import Backbone
 from discover.datasets import load_dataset
 from discover.outputs import result_record
 from discover.pipeline import Discoverer
 from discover.runs import evaluate
-from fixtures_voc import write_voc_tree
 
 
 @pytest.fixture(scope="module")
