@@ -80,7 +80,9 @@ __all__ = [
 ]
 
 #: Above this many (non-excluded) patches, ``solver="auto"`` uses Lanczos.
-DENSE_MAX_PATCHES = 4096
+DENSE_MAX_PATCHES = 1600
+# Measured (2-core CPU, one eigenpair): dense evr 0.14 s at 1369 patches, 0.71 s at 2304,
+# 3.3 s at 4096; Lanczos 0.12 s, 0.13 s, 0.32 s, with eigenvalues equal to 1e-14.
 
 #: Relative tolerance (of ``max |y|``) under which eigenvector entries count as tied.
 TIE_RTOL = 1e-9
