@@ -152,10 +152,11 @@ def _check_dinov3_release(model: nn.Module, sd: dict[str, torch.Tensor], source:
     theirs = sd.get("rope_embed.periods")
     ours = getattr(rope, "periods", None)
     if theirs is not None and isinstance(ours, torch.Tensor):
-        # The release stores the periods in bfloat16 (8 significant bits: relative
-        # rounding error at most 2^-9); timm computes them in float32.
+        # The release stores the periods in bfloat16 (8 significant bits: a relative
+        # rounding error of at most 2^-8); timm computes them in float32. Allow twice
+        # that (bfloat16's epsilon): another rotary base moves them by far more.
         close = theirs.shape == ours.shape and torch.allclose(
-            theirs.float().cpu(), ours.float().cpu(), rtol=2.0**-8, atol=0.0
+            theirs.float().cpu(), ours.float().cpu(), rtol=2.0**-7, atol=0.0
         )
         if not close:
             raise WeightsError(
