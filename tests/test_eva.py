@@ -560,3 +560,36 @@ def test_cli_rope_features_on_a_vit_is_one_line(run_cli, fast_models, checkpoint
     )  # fmt: skip
     assert code == 2 and "rotary position embeddings" in err
     assert "Traceback" not in err
+
+
+def test_models_without_cls_refuse_what_needs_its_attention(monkeypatch, run_cli, tmp_path):
+    import discover.backbone
+    from discover.pipeline import Discoverer
+
+    def tiny_gap(name, **kwargs):  # a 1-block timm register ViT without [CLS]
+        m = timm.create_model(
+            "vit_wee_patch16_reg1_gap_256",
+            pretrained=False,
+            num_classes=0,
+            dynamic_img_size=True,
+            depth=1,
+        )
+        return randomise(m)
+
+    monkeypatch.setattr(discover.backbone, "create_vit", tiny_gap)
+    name = "vit_wee_patch16_reg1_gap_256.sbb_in1k"
+    bb = Backbone(name)
+    assert (bb.num_cls, bb.model_registers) == (0, 1)
+    with pytest.raises(ValueError, match=r"found needs the \[CLS\] attention"):
+        Discoverer(backbone=bb, method="found")
+    save(tmp_path / "a.png", scene(160, 128, (48, 32, 112, 96)))
+    code, _, err = run_cli("inspect", tmp_path / "a.png", "--model", name, "--out", tmp_path / "i")
+    assert code == 2 and r"has no [CLS] token" in err and "Traceback" not in err
+    code, _, err = run_cli("boxes", tmp_path / "a.png", "--model", name, "--method", "found")
+    assert code == 2 and "needs the [CLS] attention" in err
+    code, _, err = run_cli(
+        "boxes", tmp_path / "a.png", "--model", name, "--out", tmp_path / "r.jsonl"
+    )
+    assert code == 0, err  # LOST needs no [CLS]
+    [rec] = read_jsonl(tmp_path / "r.jsonl")
+    assert rec["error"] is None and len(rec["boxes"]) == 1
