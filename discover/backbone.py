@@ -4,9 +4,16 @@ Step two of the pipeline (image -> **features** -> graph -> box). For a batch of
 equal-size images, :class:`Backbone` returns the last block's features of the patch
 grid only, with the [CLS] token and the registers split off:
 
-- ``keys`` (default, as LOST uses), ``queries`` or ``values``: taken from the output of
-  ``blocks[-1].attn.qkv`` through one forward hook registered once;
+- ``keys`` (default, as LOST uses), ``queries`` or ``values``: the output of the block's
+  attention input projection (``attn.qkv``, or the separate q/k/v projections), before
+  any q/k norm and before any rotary embedding;
+- ``keys_rope``, ``queries_rope`` (rotary models only, e.g. DINOv3): the keys / queries
+  exactly as they enter the attention's dot product, after the model's q/k norm and its
+  rotary position embedding (patch tokens rotated, [CLS] and registers not);
 - ``tokens``: the last block's output after the final norm (``forward_features``).
+
+The model classes supported (timm ``VisionTransformer`` and ``Eva``) differ in a few steps,
+which :mod:`discover.adapters` holds; the forward loop here is shared.
 
 Preprocessing follows LOST: RGB, the model's mean/std (ImageNet for DINO, DINOv2,
 DeiT-III; OpenAI's for CLIP), no resize, zero padding at the bottom/right (after
@@ -29,11 +36,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from discover.errors import ImageError, WeightsError
+from discover.adapters import ModelAdapter, adapter_for
+from discover.errors import ImageError
 from discover.models import DEFAULT_MODEL, OFFLINE_MODEL, ModelSpec, spec_for
 from discover.weights import create_vit
 
 FEATURE_KINDS = ("keys", "queries", "values", "tokens")
+"""The feature kinds every model has (:meth:`Backbone.forward_all`'s default)."""
+ROPE_FEATURE_KINDS = ("keys_rope", "queries_rope")
+"""Feature kinds of rotary models only: keys / queries after the rotary embedding."""
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEFAULT_MAX_PATCHES = 9216
 
@@ -88,10 +99,16 @@ class Backbone(nn.Module):
     """A timm ViT returning register-free patch features for images of any size.
 
     Args:
-        name: a timm model name (see :data:`MODELS`; any timm ``VisionTransformer`` works).
-        checkpoint: local weights (timm, DINO or DINOv2 release formats); offline.
+        name: a timm model name (see :data:`MODELS`; any timm ``VisionTransformer`` or
+            ``Eva`` model, DINOv3 included, with the attentions :mod:`discover.adapters`
+            supports).
+        checkpoint: local weights (timm, DINO, DINOv2 or DINOv3 release formats); offline.
         pretrained: download hub weights when no checkpoint is given.
-        features: ``keys`` (default), ``queries``, ``values`` or ``tokens``.
+        features: ``keys`` (default), ``queries``, ``values`` or ``tokens``; for rotary
+            models also ``keys_rope`` and ``queries_rope`` (after the rotary embedding).
+            For a model without a [CLS] token (timm's ``*_gap`` ViTs), ``Features.cls``
+            is the mean of the patch features (what its average-pool head reads) and
+            ``attention=True`` is refused.
         device: ``cpu``, ``cuda``, ``cuda:1``...
         precision: ``fp32``; ``bf16`` (CPU with native bf16, and GPU): the model's weights
             are converted to bfloat16 and the whole forward runs in it (on the CPU this
@@ -103,7 +120,8 @@ class Backbone(nn.Module):
             patches, 1344 px squares at patch 14; LOST's gram matrix then stays below
             about 350 MB). ``None`` disables the budget. Benchmark images (VOC, COCO:
             at most 640 px) are far below it and keep their native size.
-        model: an already built timm ViT (then ``name`` is only a label).
+        model: an already built timm ViT or Eva (then ``name`` is only a label); build it
+            with ``dynamic_img_size=True`` for images of any size.
     """
 
     def __init__(
@@ -138,7 +156,8 @@ class Backbone(nn.Module):
             model = create_vit(
                 name, checkpoint=checkpoint, pretrained=pretrained, offline_source=offline
             )
-        _check_vit(model, name)
+        self.adapter: ModelAdapter = adapter_for(model, name)
+        self._check_kind(features)
         self.model = model.eval()
         self.depth = len(model.blocks)
         self.layer = self.block_index(layer)
@@ -148,8 +167,8 @@ class Backbone(nn.Module):
         self.patch_size = int(ps[0] if isinstance(ps, tuple | list) else ps)
         self.embed_dim = int(model.embed_dim)
         self.num_heads = int(model.blocks[-1].attn.num_heads)
-        self.model_registers = int(getattr(model, "num_reg_tokens", 0))
-        self.num_cls = int(model.num_prefix_tokens) - self.model_registers
+        self.model_registers = self.adapter.num_registers
+        self.num_cls = self.adapter.num_cls
         self._extra_registers = 0
         self._attachments: list[Any] = []
         cfg = getattr(model, "pretrained_cfg", None) or {}
@@ -164,6 +183,21 @@ class Backbone(nn.Module):
     def family(self) -> str:
         """The model family (``dinov2``, ``dino``...), which picks calibrated defaults."""
         return self.spec.family
+
+    @property
+    def rotary(self) -> bool:
+        """Whether the model applies a rotary position embedding (RoPE) to q and k
+        (DINOv3 and timm's other ``Eva`` models with ``use_rot_pos_emb``)."""
+        return self.adapter.rotary
+
+    def _check_kind(self, kind: str) -> str:
+        check_feature_kind(kind)
+        if kind in ROPE_FEATURE_KINDS and not self.adapter.rotary:
+            raise ValueError(
+                f"features {kind!r} exist only for models with rotary position embeddings "
+                f"(e.g. DINOv3); {self.name} has none: use {kind.removesuffix('_rope')!r}"
+            )
+        return kind
 
     @property
     def num_registers(self) -> int:
@@ -297,14 +331,17 @@ class Backbone(nn.Module):
         """Features of a normalised, padded batch ``[B, 3, H, W]`` (H, W multiples of the patch).
 
         Args:
-            features: override the wrapper's feature kind for this call.
+            features: override the wrapper's feature kind for this call (``keys``,
+                ``queries``, ``values``, ``tokens``; ``keys_rope``, ``queries_rope`` for
+                rotary models).
             layer: override the wrapper's block for this call (``-1``: the last block).
                 q/k/v come from that block's attention input projection; ``tokens`` are
                 its output (after the final norm for the last block, raw otherwise).
             norms: also return the L2 norm of every output token of the last block.
-            attention: also return the [CLS] attention row of the last block.
+            attention: also return the [CLS] attention row of the last block (not for
+                models without a [CLS] token).
         """
-        kind = check_feature_kind(features or self.features)
+        kind = self._check_kind(features or self.features)
         li = self.layer if layer is None else self.block_index(layer)
         return self._run(x, (kind,), li, norms=norms, attention=attention)[kind]
 
@@ -319,7 +356,7 @@ class Backbone(nn.Module):
     ) -> dict[str, Features]:
         """Several feature kinds of one block from a single forward (for calibration
         sweeps): ``{kind: Features}``, each as :meth:`forward` returns it."""
-        kinds = tuple(check_feature_kind(k) for k in kinds)
+        kinds = tuple(self._check_kind(k) for k in kinds)
         li = self.layer if layer is None else self.block_index(layer)
         return self._run(x, kinds, li, norms=False, attention=attention)
 
@@ -330,8 +367,13 @@ class Backbone(nn.Module):
         p = self.patch_size
         if H % p or W % p:
             raise ValueError(f"input {H}x{W} is not a multiple of the patch size {p}")
+        if attention and self.num_cls == 0:
+            raise ValueError(
+                f"{self.name} has no [CLS] token (a global-average-pool model), so it has no "
+                "[CLS] attention: use a method that needs none (lost, tokencut, spectral)"
+            )
         grid = (H // p, W // p)
-        m = self.model
+        ad = self.adapter
         last = self.depth - 1
         # The blocks to run, and of which the q/k/v projection or the output is wanted.
         stop = last if (norms or attention) else li
@@ -343,47 +385,49 @@ class Backbone(nn.Module):
             out_at.add(last)
         if self.precision == "bf16":
             x = x.to(torch.bfloat16)
-        qkv: dict[int, torch.Tensor] = {}
+        qkv: dict[int, tuple[torch.Tensor, ...]] = {}
         outs: dict[int, torch.Tensor] = {}
         with self._autocast():
-            t = m.patch_embed(x)
-            t = m._pos_embed(t)
-            t = m.patch_drop(t)
-            t = m.norm_pre(t)
+            t, ctx = ad.embed(x)
             for i in range(stop + 1):
-                blk = m.blocks[i]
-                if i == stop and i not in out_at:
-                    # Only q/k/v wanted here: norm1 + qkv, not the attention and MLP.
-                    qkv[i] = blk.attn.qkv(blk.norm1(t))
-                    break
                 if i in qkv_at:
-                    with _capture(blk.attn.qkv) as cap:
-                        t = blk(t)
-                    qkv[i] = cap.value
-                else:
-                    t = blk(t)
+                    # The block's own projection of its attention input (recomputed from
+                    # the same tensor, so the values are the ones the attention uses).
+                    qkv[i] = ad.project(i, ad.attn_input(i, t))
+                    if i == stop and i not in out_at:
+                        break  # only q/k/v wanted here: not the attention and MLP
+                t = ad.block(i, t, ctx)
                 if i in out_at:
                     outs[i] = t
-        D = self.embed_dim
+            # q/k as the attention's dot product sees them (q/k norm, rotary embedding).
+            rotated_at = {last} if attention else set()
+            if any(k in ROPE_FEATURE_KINDS for k in kinds):
+                rotated_at.add(li)
+            rotated = {i: ad.attention_qk(i, qkv[i][0], qkv[i][1], ctx) for i in rotated_at}
+        m = self.model
         n_pre = self.num_prefix_tokens
         token_norms = outs[last].float().norm(dim=-1) if norms else None
-        cls_attn = self._cls_attention(qkv[last]) if attention else None
+        cls_attn = self._cls_attention(*rotated[last], ad.scale(last)) if attention else None
         result = {}
         for kind in kinds:
             if kind == "tokens":
                 tok = m.norm(outs[li]) if li == last else outs[li]
+            elif kind in ROPE_FEATURE_KINDS:
+                q_rot, k_rot = rotated[li]
+                r = k_rot if kind == "keys_rope" else q_rot  # [B, heads, T, head_dim]
+                tok = r.transpose(1, 2).reshape(B, r.shape[2], -1)
             else:
-                j = ("queries", "keys", "values").index(kind)
-                tok = qkv[li][..., j * D : (j + 1) * D]
+                tok = qkv[li][("queries", "keys", "values").index(kind)]
             T = tok.shape[1]
             if T != n_pre + grid[0] * grid[1]:
                 raise RuntimeError(
                     f"token bookkeeping broken: {T} tokens, expected {n_pre} prefix + "
                     f"{grid[0]}x{grid[1]} patches"
                 )
+            patches = tok[:, n_pre:]
             result[kind] = Features(
-                patches=tok[:, n_pre:],
-                cls=tok[:, 0],
+                patches=patches,
+                cls=tok[:, 0] if self.num_cls else patches.mean(dim=1),
                 registers=tok[:, self.num_cls : n_pre],
                 grid=grid,
                 patch_size=p,
@@ -399,13 +443,11 @@ class Backbone(nn.Module):
         feats = self(self.to_tensor([pr.array for pr in prepared]), **kwargs)
         return feats, prepared
 
-    def _cls_attention(self, qkv: torch.Tensor) -> torch.Tensor:
-        B, T, _ = qkv.shape
-        nh, hd = self.num_heads, self.embed_dim // self.num_heads
-        q = qkv[..., : self.embed_dim].float().reshape(B, T, nh, hd).transpose(1, 2)
-        k = qkv[..., self.embed_dim : 2 * self.embed_dim].float()
-        k = k.reshape(B, T, nh, hd).transpose(1, 2)
-        logits = (q[:, :, :1] @ k.transpose(-1, -2)) / math.sqrt(hd)
+    @staticmethod
+    def _cls_attention(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+        """``[B, heads, T]``: softmax of the [CLS] query against every key, from the q/k
+        as the attention's dot product sees them (``[B, heads, T, head_dim]``)."""
+        logits = (q[:, :, :1].float() @ k.float().transpose(-1, -2)) * scale
         return logits.softmax(dim=-1)[:, :, 0]
 
     def _autocast(self):
@@ -437,37 +479,14 @@ def target_size(w: int, h: int, max_size: int, patch_size: int) -> tuple[int, in
     return nw, nh
 
 
-def _check_vit(model: nn.Module, name: str) -> None:
-    needed = ("patch_embed", "_pos_embed", "blocks", "norm", "num_prefix_tokens")
-    if not all(hasattr(model, a) for a in needed) or not hasattr(model.blocks[-1].attn, "qkv"):
-        raise WeightsError(f"{name} is not a timm VisionTransformer with a fused qkv attention")
-
-
 def check_feature_kind(kind: str) -> str:
-    """``kind`` if it is one of :data:`FEATURE_KINDS` (else ``ValueError``)."""
-    if kind not in FEATURE_KINDS:
-        raise ValueError(f"features must be one of {FEATURE_KINDS}, got {kind!r}")
+    """``kind`` if it is one of :data:`FEATURE_KINDS` or :data:`ROPE_FEATURE_KINDS` (else
+    ``ValueError``; whether the model has rotary embeddings is the backbone's check)."""
+    if kind not in FEATURE_KINDS + ROPE_FEATURE_KINDS:
+        raise ValueError(
+            f"features must be one of {FEATURE_KINDS + ROPE_FEATURE_KINDS}, got {kind!r}"
+        )
     return kind
-
-
-class _capture:
-    """Keep the output of one call of ``module`` (a forward hook, removed on exit)."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
-        self.value: torch.Tensor | None = None
-
-    def __enter__(self) -> _capture:
-        self._handle = self.module.register_forward_hook(self._keep)
-        return self
-
-    def _keep(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        self.value = output
-
-    def __exit__(self, *exc: object) -> None:
-        self._handle.remove()
-        if self.value is None and exc[0] is None:  # pragma: no cover - exotic attention
-            raise RuntimeError("the qkv projection was not called: unsupported attention")
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

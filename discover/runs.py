@@ -589,6 +589,12 @@ def inspect_paths(
         backbones.append((compare, load_backbone(compare, compare_checkpoint, **common)))
     elif test_time_registers is not None:
         backbones.insert(0, (name, load_backbone(name, checkpoint, **common)))
+    for label, bb in backbones:
+        if bb.num_cls == 0:
+            raise UsageError(
+                f"inspect draws the [CLS] attention, and {label} has no [CLS] token "
+                "(a global-average-pool model)"
+            )
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)

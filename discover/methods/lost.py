@@ -333,7 +333,9 @@ register(
         # DINOv2's last-layer keys have all-positive dot products: every patch gets full
         # degree and plain LOST returns the whole image; subtracting the image's mean
         # feature restores a signed graph (README, "Calibration").
-        defaults={"dinov2": {"center": True}},
+        # DINOv3: carried over from DINOv2, not measured (no hub weights here): same
+        # training family (DINO + iBOT losses), so the same all-positive keys are expected.
+        defaults={"dinov2": {"center": True}, "dinov3": {"center": True}},
         summary="LOST seed expansion (Simeoni et al., BMVC 2021)",
     )
 )

@@ -333,7 +333,9 @@ register(
         tokencut,
         TokenCutParams,
         # Without centring every cosine of DINOv2's keys exceeds tau: no cut at all.
-        defaults={"dinov2": {"center": True}},
+        # DINOv3: carried over from DINOv2, not measured (no hub weights here): same
+        # training family (DINO + iBOT losses), so the same all-positive keys are expected.
+        defaults={"dinov2": {"center": True}, "dinov3": {"center": True}},
         summary="TokenCut normalized cut (Wang et al., CVPR 2022)",
     )
 )

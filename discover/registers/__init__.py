@@ -12,8 +12,10 @@ Four modules, one job each: :mod:`~discover.registers.neurons` (the neuron file)
 (the files shipped with the package) and :mod:`~discover.registers.intervene` (the
 intervention), with :mod:`~discover.registers.model` for the checks they share.
 
-Two steps, both on a timm ``VisionTransformer`` (the wrapper :class:`discover.backbone.Backbone`
-or the bare model):
+Two steps, both on a timm ``VisionTransformer`` or ``Eva`` (DINOv3 S/B/L) with plain
+``Mlp`` blocks (the wrapper :class:`discover.backbone.Backbone` or the bare model). Gated
+MLPs (SwiGLU: DINOv3 S+ and H+, EVA-02) are refused: their hidden unit is
+``act(fc1_g x) * fc1_x x``, with no single activation module whose output is the unit:
 
 1. :func:`find_register_neurons` runs a set of images and ranks every MLP unit
    ``(layer, index)`` (post-GELU output, timm's ``blocks[l].mlp.act``):
@@ -42,9 +44,13 @@ or the bare model):
 2. :func:`attach_test_time_registers` adds ``num_registers`` zero tokens right after the
    model's own prefix tokens ([CLS] and any trained registers), after the position
    embedding and with none of their own, so the sequence is ``[CLS, regs..., ttr...,
-   patches]`` (a forward hook on ``model.patch_drop``, which timm runs right after
-   ``_pos_embed`` and before ``norm_pre``; ``model.num_prefix_tokens`` is left alone, as
-   ``_pos_embed`` relies on it). In each block holding selected units, a hook on
+   patches]`` (a forward pre-hook on ``model.norm_pre``, which timm runs right after
+   ``_pos_embed`` and its patch dropout; ``model.num_prefix_tokens`` is left alone, as
+   ``_pos_embed`` relies on it). In rotary models (``Eva``) each attention's own
+   ``num_prefix_tokens`` (the tokens it does not rotate) grows by the tokens added while
+   they are attached, so the rotary embedding still meets the patches it was computed
+   for and the added tokens get none, as they get no absolute position embedding in a
+   ``VisionTransformer``. In each block holding selected units, a hook on
    ``mlp.act`` writes into every test-time register the largest-magnitude activation of
    that block's selected units (one signed value per image, taken over all tokens and all
    those units, as the reference does) and zeroes those units on the patch tokens; [CLS]

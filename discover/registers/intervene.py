@@ -16,6 +16,7 @@ from discover.registers.model import (
     hidden_units,
     model_device,
     model_name,
+    rotary_attentions,
     split_backbone,
 )
 from discover.registers.neurons import RegisterNeurons
@@ -67,7 +68,10 @@ class TestTimeRegisters:
             else int(model.num_prefix_tokens)
         )
         device = model_device(model)
-        self._handles = [model.patch_drop.register_forward_hook(self._insert)]
+        self._handles = [model.norm_pre.register_forward_pre_hook(self._insert)]
+        self._rotary = rotary_attentions(model)
+        for attn in self._rotary:  # the added tokens are not rotated, the patches still are
+            attn.num_prefix_tokens += self.num_registers
         for layer, indices in neurons.by_layer().items():
             idx = torch.tensor(indices, dtype=torch.long, device=device)
             act = model.blocks[layer].mlp.act
@@ -80,10 +84,11 @@ class TestTimeRegisters:
     def attached(self) -> bool:
         return bool(self._handles)
 
-    def _insert(self, module: nn.Module, inputs: tuple, out: torch.Tensor) -> torch.Tensor:
+    def _insert(self, module: nn.Module, inputs: tuple) -> tuple:
+        out = inputs[0]
         p = self.position
         zeros = out.new_zeros(out.shape[0], self.num_registers, out.shape[2])
-        return torch.cat([out[:, :p], zeros, out[:, p:]], dim=1)
+        return (torch.cat([out[:, :p], zeros, out[:, p:]], dim=1), *inputs[1:])
 
     def _move(self, idx: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
         p, n = self.position, self.num_registers
@@ -106,6 +111,9 @@ class TestTimeRegisters:
         for h in self._handles:
             h.remove()
         self._handles = []
+        for attn in self._rotary:
+            attn.num_prefix_tokens -= self.num_registers
+        self._rotary = []
         if self.backbone is not None:
             self.backbone.remove_registers(self.num_registers, owner=self)
         if ACTIVE.get(self.model) is self:
@@ -134,7 +142,7 @@ def attach_test_time_registers(
 
     Args:
         backbone: a :class:`discover.backbone.Backbone` (it counts the added tokens as
-            registers, so its outputs split exactly) or a timm ``VisionTransformer`` (its
+            registers, so its outputs split exactly) or a timm ``VisionTransformer`` / ``Eva`` (its
             outputs then hold the extra tokens at ``model.num_prefix_tokens``).
         spec: ``"auto"`` (the file shipped for the backbone's model name), a neuron JSON
             file, or a :class:`RegisterNeurons`.

@@ -25,22 +25,35 @@ def split_backbone(backbone_or_model: nn.Module) -> tuple[nn.Module, Any]:
 
 
 def check_model(model: nn.Module) -> None:
-    needed = ("patch_embed", "_pos_embed", "patch_drop", "norm_pre", "blocks", "num_prefix_tokens")
+    needed = ("patch_embed", "_pos_embed", "norm_pre", "blocks", "num_prefix_tokens")
     missing = [a for a in needed if not hasattr(model, a)]
     if missing:
         raise RegdiscoverError(
-            f"test-time registers need a timm VisionTransformer; the model lacks {missing}"
+            f"test-time registers need a timm VisionTransformer or Eva; the model lacks {missing}"
         )
+    from timm.layers import Mlp
+
     acts = []
     for i, blk in enumerate(model.blocks):
         mlp = getattr(blk, "mlp", None)
-        if mlp is None or not hasattr(mlp, "act") or not hasattr(mlp, "fc1"):
+        if not isinstance(mlp, Mlp) or not hasattr(mlp, "act") or not hasattr(mlp, "fc1"):
+            kind = type(mlp).__name__ if mlp is not None else "no MLP"
             raise RegdiscoverError(
-                f"block {i} has no timm Mlp with fc1/act (gated MLPs are not supported)"
+                f"block {i} has a {kind}, not a timm Mlp with fc1/act: gated MLPs (SwiGLU, "
+                "GluMlp: DINOv3 S+/H+, EVA-02) have no single activation module whose output "
+                "is the hidden unit, so their register neurons cannot be moved"
             )
         acts.append(id(mlp.act))
     if len(set(acts)) != len(acts):  # a shared module would fire its hook in every block
         raise RegdiscoverError("the blocks share one activation module; cannot hook per block")
+
+
+def rotary_attentions(model: nn.Module) -> list[nn.Module]:
+    """The attentions that rotate q/k of the tokens after their own ``num_prefix_tokens``
+    (timm ``EvaAttention`` with a rotary embedding), which test-time registers must shift."""
+    if getattr(model, "rope", None) is None:
+        return []
+    return [b.attn for b in model.blocks if hasattr(b.attn, "num_prefix_tokens")]
 
 
 def hidden_units(model: nn.Module, layer: int) -> int:
