@@ -429,6 +429,7 @@ GRID: dict[str, dict[str, tuple[Any, ...]]] = {
     "found": {"center": (False, True), "bkg_th": (0.1, 0.2, 0.3, 0.4, 0.5)},
     "spectral": {"center": (False, True)},
     "dino_seg": {"head": (0, 1, 2, 3, 4, 5)},
+    "vote": {"mode": ("box", "mask")},
 }
 """Parameter values swept per method (every combination, every feature kind)."""
 FEATURELESS = {"dino_seg"}

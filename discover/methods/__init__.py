@@ -26,6 +26,7 @@ from discover.methods import tokencut  # noqa: E402,F401  isort: skip
 from discover.methods import dino_seg  # noqa: E402,F401  isort: skip
 from discover.methods import found  # noqa: E402,F401  isort: skip
 from discover.methods import spectral  # noqa: E402,F401  isort: skip
+from discover.methods import vote  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "FEATURE_SETTINGS",
