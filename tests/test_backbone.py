@@ -209,18 +209,110 @@ def test_checkpoint_in_dinov2_release_layout(saved, tmp_path) -> None:
     assert torch.allclose(_features(bb), ref, atol=1e-5)
 
 
-def test_checkpoint_in_dino_training_layout(tmp_path) -> None:
+def _dino_head(dim: int, out_dim: int = 64) -> dict[str, torch.Tensor]:
+    """The state dict of DINO's projection head (``DINOHead``: a 3-layer MLP and a
+    weight-normed last layer, ``weight_g``/``weight_v``), small ``out_dim`` (DINO's is
+    65536): only its key layout matters here."""
+    mlp = torch.nn.Sequential(
+        torch.nn.Linear(dim, 32), torch.nn.GELU(), torch.nn.Linear(32, 32), torch.nn.GELU(),
+        torch.nn.Linear(32, 16),
+    )  # fmt: skip
+    sd = {f"mlp.{k}": v for k, v in mlp.state_dict().items()}
+    sd["last_layer.weight_g"] = torch.ones(out_dim, 1)
+    sd["last_layer.weight_v"] = torch.randn(out_dim, 16)
+    return sd
+
+
+def _dino_training_checkpoint(backbone: torch.nn.Module, path, *, ddp_teacher: bool = False):
+    """A checkpoint laid out as DINO's main_dino.py saves it (``save_dict``): student
+    wrapped in DistributedDataParallel (``module.backbone.``/``module.head.``), teacher
+    a bare MultiCropWrapper (``backbone.``/``head.``; DDP-wrapped too with ``ddp_teacher``,
+    as DINO does for models with batch norms), the optimizer, the epoch, the command line
+    as an argparse.Namespace, the loss's centre and the fp16 scaler."""
+    import argparse
+
+    wrapper = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
+    wrapper.update({f"head.{k}": v for k, v in _dino_head(backbone.embed_dim).items()})
+    tiny = torch.nn.Linear(4, 4)  # an optimizer with real state, on a tiny parameter
+    opt = torch.optim.AdamW(tiny.parameters(), lr=5e-4)
+    tiny(torch.ones(1, 4)).sum().backward()
+    opt.step()
+    args = argparse.Namespace(
+        arch="vit_small", patch_size=16, out_dim=65536, norm_last_layer=True,
+        momentum_teacher=0.996, use_bn_in_head=False, teacher_temp=0.04, use_fp16=True,
+        weight_decay=0.04, clip_grad=3.0, batch_size_per_gpu=64, epochs=100, lr=0.0005,
+        optimizer="adamw", drop_path_rate=0.1, global_crops_scale=(0.4, 1.0),
+        local_crops_number=8, local_crops_scale=(0.05, 0.4), data_path="/data/train/",
+        output_dir=".", dist_url="env://", rank=0, world_size=8, gpu=0,
+    )  # fmt: skip
+    teacher = {f"module.{k}": v for k, v in wrapper.items()} if ddp_teacher else wrapper
+    save_dict = {
+        "student": {f"module.{k}": v.clone() + 1 for k, v in wrapper.items()},  # not these
+        "teacher": teacher,
+        "optimizer": opt.state_dict(),
+        "epoch": 100,
+        "args": args,
+        "dino_loss": {"center": torch.zeros(1, 65536)},
+        "fp16_scaler": torch.amp.GradScaler("cpu").state_dict(),
+    }
+    torch.save(save_dict, path)
+    return path
+
+
+@pytest.mark.parametrize("ddp_teacher", [False, True])
+def test_checkpoint_in_dino_training_layout(tmp_path, ddp_teacher) -> None:
+    """DINO's own training checkpoints load (their ``args`` is an argparse.Namespace,
+    which a plain weights-only load refuses), and the teacher's backbone is what loads."""
     torch.manual_seed(3)
     m = _vit("vit_small_patch16_224").eval()
     ref = _features(Backbone("x", model=m))
-    full = {
-        "teacher": {f"backbone.{k}": v for k, v in m.state_dict().items()},
-        "epoch": torch.tensor(100),
-    }
-    path = tmp_path / "checkpoint.pth"
-    torch.save(full, path)
+    path = _dino_training_checkpoint(m, tmp_path / "checkpoint.pth", ddp_teacher=ddp_teacher)
     bb = Backbone("vit_small_patch16_224.dino", checkpoint=str(path))
     assert torch.equal(_features(bb), ref)
+
+
+def test_checkpoint_loading_allows_the_namespace_for_that_load_only(tmp_path) -> None:
+    import argparse
+    import pickle
+
+    from discover.weights import read_state_dict
+
+    path = _dino_training_checkpoint(_vit("vit_small_patch16_224"), tmp_path / "c.pth")
+    assert read_state_dict(path)
+    # the allowance is scoped to our load: a plain weights-only load still refuses it
+    with pytest.raises(pickle.UnpicklingError, match="argparse.Namespace"):
+        torch.load(path, weights_only=True)
+    assert argparse.Namespace not in torch.serialization.get_safe_globals()
+
+
+class _TrainerConfig:  # a class a checkpoint might pickle: never to be unpickled
+    def __init__(self) -> None:
+        self.lr = 0.1
+
+
+class _Payload:  # unpickling this would create a file: the attack weights_only stops
+    def __init__(self, marker) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickles_needing_other_globals_are_refused_with_a_reason(tmp_path) -> None:
+    sd = _vit("vit_small_patch16_224").state_dict()
+    cfg = tmp_path / "cfg.pth"
+    torch.save({"model": sd, "config": _TrainerConfig()}, cfg)
+    with pytest.raises(WeightsError) as err:
+        Backbone("vit_small_patch16_224", checkpoint=str(cfg))
+    msg = str(err.value)
+    assert f"{__name__}._TrainerConfig" in msg and "weights-only load refuses" in msg, msg
+    assert "\n" not in msg and "weights_only` set to `False`" not in msg  # no unsafe advice
+    marker = tmp_path / "created-by-unpickling"
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": sd, "x": _Payload(marker)}, evil)
+    with pytest.raises(WeightsError, match=r"io\.open\) that a weights-only load refuses"):
+        Backbone("vit_small_patch16_224", checkpoint=str(evil))
+    assert not marker.exists()
 
 
 def test_missing_checkpoint_is_one_clear_error(tmp_path) -> None:
@@ -239,11 +331,42 @@ def test_wrong_architecture_names_the_mismatched_keys(saved, tmp_path) -> None:
     assert "\n" not in msg
 
 
-def test_garbage_checkpoint(tmp_path) -> None:
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"this is not a checkpoint", "it is a text file (it starts with 'this is not a"),
+        (b"hello world\nsecond line\n", "it is a text file"),
+        (b"", "empty file (0 bytes)"),
+        (bytes(range(1, 40)), "it starts with b'\\x01\\x02"),
+        (b"PK\x03\x04" + b"\x00" * 40, "not a valid torch zip archive"),
+        (b"\x80\x02" + b"\x00" * 10, "not a valid torch pickle"),
+    ],
+)
+def test_garbage_checkpoint_says_what_the_file_is_not(tmp_path, content, reason) -> None:
+    """A text file used to say "pop from empty list" (the pickle machine's complaint)."""
     path = tmp_path / "junk.pth"
-    path.write_bytes(b"this is not a checkpoint")
-    with pytest.raises(WeightsError, match="cannot read checkpoint"):
+    path.write_bytes(content)
+    with pytest.raises(WeightsError) as err:
         Backbone("vit_small_patch14_dinov2", checkpoint=str(path))
+    msg = str(err.value)
+    assert msg.startswith(f"cannot read checkpoint {path}: ") and reason in msg, msg
+    assert "\n" not in msg and "pop from empty list" not in msg
+    if content and content[:1] not in (b"P", b"\x80"):
+        assert "not a torch checkpoint (.pth, .pt, .bin) nor a safetensors file" in msg
+
+
+def test_checkpoint_format_follows_the_content_not_the_name(saved, tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    model, sd = saved
+    ref = _features(Backbone("x", model=model))
+    named_pth = tmp_path / "really_safetensors.pth"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(named_pth))
+    named_st = tmp_path / "really_torch.safetensors"
+    torch.save(sd, named_st)
+    for path in (named_pth, named_st):
+        bb = Backbone("vit_small_patch14_reg4_dinov2", checkpoint=str(path))
+        assert torch.equal(_features(bb), ref)
 
 
 def test_no_network_gives_a_hint(monkeypatch) -> None:
