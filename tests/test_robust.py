@@ -9,6 +9,7 @@ hands out the session model instead of building it again from the checkpoint fil
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from conftest import CLI_METHOD_OPTS, MODEL, save, scene, write_lying_png
@@ -106,3 +107,77 @@ def test_inspect_advises_max_size_only_where_it_helps(
     assert "pass --max-size" not in warned[0] and "too large: 11000x11000" in warned[0]
     assert len(list((tmp_path / "small").glob("*.png"))) == 2  # jpeg400 and good
     assert no_big_decode == []
+
+
+# ------------------------------------------------------------- failed starts keep the output
+
+
+def _snapshot(out: Path) -> dict[str, bytes]:
+    """Every file of an output (a folder for voc) and its settings sidecar, by name."""
+    files = sorted(out.rglob("*")) if out.is_dir() else [out]
+    sidecar = out.with_name(out.name + ".settings.json")
+    files += [sidecar] if sidecar.exists() else []
+    return {p.name: p.read_bytes() for p in files if p.is_file()}
+
+
+def _no_network(monkeypatch) -> None:
+    """timm's hub download fails as it does without a network (and without a cache)."""
+    import timm
+
+    real = timm.create_model
+
+    def offline(*args, **kwargs):
+        if kwargs.get("pretrained"):
+            raise OSError("[Errno -3] Temporary failure in name resolution")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", offline)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "coco", "voc"])
+def test_a_run_that_fails_before_its_first_image_keeps_the_output(
+    tmp_path, run_cli, fast_models, checkpoint, monkeypatch, fmt
+):
+    imgs = tmp_path / "photos"
+    save(imgs / "a.png", scene(140, 112, RECT))
+    save(imgs / "b.png", scene(140, 112, RECT))
+    out = tmp_path / ("keep" if fmt == "voc" else f"keep.{fmt}")
+    code, _, err = run_cli("boxes", imgs, "--out", out, "--format", fmt, *model_args(checkpoint))
+    assert code == 0, err
+    before = _snapshot(out)
+    assert len(before) >= 2  # the output and its settings (and the XMLs)
+    text = tmp_path / "notes.pth"
+    text.write_text("not weights\n")
+    _no_network(monkeypatch)
+    causes = {
+        "the default model needs a network": ([], "cannot download the weights"),
+        "a bad --checkpoint": (["--model", MODEL, "--checkpoint", text], "it is a text file"),
+        "--device tpu": ([*model_args(checkpoint), "--device", "tpu"], "'tpu'"),
+    }
+    for cause, (args, needle) in causes.items():
+        code, _, err = run_cli("boxes", imgs, "--out", out, "--format", fmt, *args)
+        assert code == 2, (cause, err)
+        one_error_line(err, needle)
+        assert _snapshot(out) == before, cause  # not emptied, not touched
+
+
+def test_an_eval_that_fails_before_its_first_image_keeps_the_output(
+    tmp_path, run_cli, fast_models, checkpoint, monkeypatch
+):
+    voc = write_voc_tree(tmp_path / "data", "2007")
+    out = tmp_path / "eval"
+    base = ["eval", "--dataset", "voc07", "--root", voc["devkit"], "--out", out, "--limit", "2"]
+    code, _, err = run_cli(*base, *model_args(checkpoint))
+    assert code == 0, err
+    before = _snapshot(out)
+    assert {"boxes.jsonl", "summary.json"} <= set(before)
+    _no_network(monkeypatch)
+    for args, needle in [
+        ([], "cannot download the weights"),
+        ([*model_args(checkpoint), "--device", "tpu"], "'tpu'"),
+        (["--model", MODEL, "--checkpoint", tmp_path / "gone.pth"], "checkpoint not found"),
+    ]:
+        code, _, err = run_cli(*base, *args)
+        assert code == 2, err
+        one_error_line(err, needle)
+        assert _snapshot(out) == before
