@@ -277,7 +277,7 @@ def box_images(
     with writer:
         if resume:
             _check_resumed_settings(writer, part, fmt, settings, allow_settings_change, events)
-        base = _recorded_cwd(writer.previous_settings)
+        base = writer.base_cwd  # where the output's relative names start from
         done = {_resolved(name, base) for name in writer.done | done_elsewhere}
         names: dict[str, Path] = {}
         for f in files:  # one entry per file, however it was named
@@ -294,7 +294,7 @@ def box_images(
         events.start(len(todo), "boxing")
         try:
             for res in discoverer.run(todo):
-                name = Path(res.path).as_posix()
+                name, typed = _output_name(res.path, base), Path(res.path).as_posix()
                 record = result_record(res, name)
                 writer.write(record)
                 summary.images += 1
@@ -303,12 +303,12 @@ def box_images(
                     summary.results.append(record)
                 if res.error:
                     summary.failures += 1
-                    events.warn(f"{name}: {res.error}")
+                    events.warn(f"{typed}: {res.error}")
                 elif viz_dir is not None:
                     try:
                         _save_viz(viz_dir, name, res, viz_stems)
                     except OSError as e:
-                        events.warn(f"{name}: no --viz image: {_reason(e)}")
+                        events.warn(f"{typed}: no --viz image: {_reason(e)}")
                 events.advance(f"{summary.boxes} boxes, {summary.failures} failed")
         except KeyboardInterrupt:
             summary.interrupted = True
@@ -325,13 +325,25 @@ def _save_viz(folder: Path, name: str, res: Any, stems: dict[str, str]) -> None:
 
 
 def _resolved(name: str, base: str) -> str:
-    """The absolute, symlink-free form of an image name written relative to ``base``."""
-    return str(Path(base, name).resolve())
+    """The absolute form of an image name written relative to ``base``, its folders free of
+    symbolic links and ``..``: the key that matches an image however it was typed. The
+    file's own name is kept, so two links to one file stay two images."""
+    p = Path(base, name)  # an absolute name ignores base
+    return os.path.join(os.path.realpath(p.parent), p.name)
 
 
-def _recorded_cwd(sidecar: dict[str, Any] | None) -> str:
-    cwd = (sidecar or {}).get("cwd")
-    return cwd if isinstance(cwd, str) and cwd else os.getcwd()
+def _output_name(path: str, base: str) -> str:
+    """How image ``path`` (as typed, relative to the current directory) is named in an
+    output whose relative names start from ``base``: as typed when ``base`` is the
+    current directory or the path is absolute, else relative to ``base``, so that every
+    name of one output starts from the same place."""
+    p = Path(path)
+    if p.is_absolute() or os.path.realpath(base) == os.path.realpath(os.getcwd()):
+        return p.as_posix()
+    try:
+        return Path(os.path.relpath(os.path.abspath(p), base)).as_posix()
+    except ValueError:  # another drive (Windows): no relative path exists
+        return Path(os.path.abspath(p)).as_posix()
 
 
 def _check_resumed_settings(

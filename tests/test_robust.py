@@ -181,3 +181,188 @@ def test_an_eval_that_fails_before_its_first_image_keeps_the_output(
         assert code == 2, err
         one_error_line(err, needle)
         assert _snapshot(out) == before
+
+
+# ---------------------------------------------------------------------- resume from anywhere
+
+
+def _photos(folder: Path, n: int) -> list[Path]:
+    return [save(folder / f"{i}.png", scene(140, 112, RECT)) for i in range(n)]
+
+
+def _resume_line(err: str) -> str:
+    [line] = [ln for ln in err.splitlines() if ln.startswith("resume:")]
+    return line
+
+
+def test_resume_from_another_working_directory(
+    tmp_path, run_cli, fast_models, checkpoint, interrupt_run, monkeypatch
+):
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    _photos(work / "photos", 7)
+    elsewhere.mkdir()
+    monkeypatch.chdir(work)
+    interrupt_run(3)
+    code, _, err = run_cli("boxes", "photos", "--out", "r.jsonl", *model_args(checkpoint))
+    assert code == 130, err
+    interrupt_run(None)
+    monkeypatch.chdir(elsewhere)
+    args = ["boxes", "../work/photos", "--out", "../work/r.jsonl", "--resume"]
+    code, _, err = run_cli(*args, *model_args(checkpoint))
+    assert code == 0, err
+    assert _resume_line(err).startswith("resume: 3 done, 4 to go")
+    names = [r["image"] for r in read_jsonl(work / "r.jsonl")]
+    # one record per image, every name from the same place: the first run's directory
+    assert names == [f"photos/{i}.png" for i in range(7)]
+    sidecar = json.loads((work / "r.jsonl.settings.json").read_text())
+    assert sidecar["cwd"] == str(work)
+    # a third directory: still nothing to redo (the sidecar kept where names start)
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(
+        "boxes", "work/photos", "--out", "work/r.jsonl", "--resume", *model_args(checkpoint)
+    )
+    assert code == 0, err
+    assert _resume_line(err).startswith("resume: 7 done, 0 to go")
+    assert len(read_jsonl(work / "r.jsonl")) == 7
+
+
+def test_resume_with_an_absolute_path_or_through_a_symlinked_folder(
+    tmp_path, run_cli, fast_models, checkpoint, interrupt_run, chdir_tmp
+):
+    _photos(tmp_path / "photos", 7)
+    (tmp_path / "link").symlink_to(tmp_path / "photos", target_is_directory=True)
+    interrupt_run(2)
+    code, _, err = run_cli("boxes", "photos", "--out", "r.jsonl", *model_args(checkpoint))
+    assert code == 130, err
+    interrupt_run(None)
+    resume = ["--out", "r.jsonl", "--resume", *model_args(checkpoint)]
+    code, _, err = run_cli("boxes", tmp_path / "photos", *resume)  # absolute this time
+    assert code == 0, err
+    assert _resume_line(err).startswith("resume: 2 done, 5 to go")
+    code, _, err = run_cli("boxes", "link", *resume)  # the same folder through a link
+    assert code == 0, err
+    assert _resume_line(err).startswith("resume: 7 done, 0 to go")
+    records = read_jsonl(tmp_path / "r.jsonl")
+    assert len(records) == 7
+    assert len({Path(r["image"]).resolve() for r in records}) == 7  # no image twice
+
+
+def test_two_links_to_one_file_are_two_images(tmp_path, run_cli, fast_models, checkpoint):
+    photos = tmp_path / "photos"
+    save(photos / "a.png", scene(140, 112, RECT))
+    (photos / "alias.png").symlink_to(photos / "a.png")
+    out = tmp_path / "r.jsonl"
+    code, _, err = run_cli("boxes", photos, "--out", out, *model_args(checkpoint))
+    assert code == 0, err
+    assert [Path(r["image"]).name for r in read_jsonl(out)] == ["a.png", "alias.png"]
+    code, _, err = run_cli("boxes", photos, "--out", out, "--resume", *model_args(checkpoint))
+    assert code == 0 and _resume_line(err).startswith("resume: 2 done, 0 to go"), err
+
+
+# ------------------------------------------------------------------ settings kept with output
+
+
+def _sidecar(out: Path, fmt: str) -> Path:
+    return out / "settings.json" if fmt == "voc" else out.with_name(out.name + ".settings.json")
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "coco", "voc"])
+def test_resume_refuses_other_settings_unless_allowed(
+    tmp_path, run_cli, fast_models, checkpoint, fmt
+):
+    photos = _photos(tmp_path / "photos", 3)
+    out = tmp_path / ("voc" if fmt == "voc" else f"r.{fmt}")
+    common = ["--out", out, "--format", fmt, *model_args(checkpoint)]
+    code, _, err = run_cli("boxes", *photos[:2], *common, "--k-patches", "100")
+    assert code == 0, err
+    sidecar = json.loads(_sidecar(out, fmt).read_text())
+    assert sidecar["format"] == "regdiscover.settings/1"
+    assert sidecar["settings"]["method_params"]["k_patches"] == 100
+    if fmt == "coco":  # COCO's own info holds them too
+        info = json.loads(out.read_text())["info"]
+        assert info["settings"] == sidecar["settings"]
+    before = _snapshot(out)
+
+    code, _, err = run_cli("boxes", photos[0].parent, *common, "--k-patches", "50", "--resume")
+    assert code == 2
+    line = one_error_line(err, f"--resume: {out} was written with other settings")
+    assert "method_params" in line and "'k_patches': 100" in line and "'k_patches': 50" in line
+    assert "--allow-settings-change" in line
+    assert _snapshot(out) == before  # refused before anything was written
+
+    code, _, err = run_cli("boxes", photos[0].parent, *common, "--k-patches", "100", "--resume")
+    assert code == 0, err  # the same settings: resumed
+    assert _resume_line(err).startswith("resume: 2 done, 1 to go")
+
+    save(photos[0].parent / "3.png", scene(140, 112, RECT))
+    code, _, err = run_cli(
+        "boxes", photos[0].parent, *common, "--k-patches", "50", "--resume",
+        "--allow-settings-change",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "warning: resume: settings changed (method_params); mixing them as asked" in err
+    from discover.outputs import read_records
+
+    assert sorted(Path(r["image"]).name for r in read_records(out, fmt)) == [
+        f"{i}.png" for i in range(4)
+    ]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "voc"])
+def test_a_corrupt_line_in_the_middle_keeps_the_records_after_it(
+    tmp_path, run_cli, fast_models, checkpoint, fmt, monkeypatch
+):
+    import discover.pipeline
+
+    photos = _photos(tmp_path / "photos", 4)
+    out = tmp_path / ("voc" if fmt == "voc" else "r.jsonl")
+    args = ["boxes", photos[0].parent, "--out", out, "--format", fmt, *model_args(checkpoint)]
+    code, _, err = run_cli(*args)
+    assert code == 0, err
+    lines_file = out / "index.jsonl" if fmt == "voc" else out
+    lines = lines_file.read_text().splitlines(keepends=True)
+    assert len(lines) == 4
+    lines[1] = '{"image": "photos/1.png", "wid\x00 garbage\n'  # a damaged line, not the last
+    lines_file.write_text("".join(lines))
+
+    ran: list[str] = []
+    real_run = discover.pipeline.Discoverer.run
+
+    def counting(self, paths):
+        paths = list(paths)
+        ran.extend(Path(p).name for p in paths)
+        return real_run(self, paths)
+
+    monkeypatch.setattr(discover.pipeline.Discoverer, "run", counting)
+    code, _, err = run_cli(*args, "--resume")
+    assert code == 0, err
+    assert _resume_line(err).startswith("resume: 3 done, 1 to go")
+    assert "1 unreadable line(s) skipped" in _resume_line(err)
+    assert ran == ["1.png"]  # 2.png and 3.png, after the damaged line, were kept
+    from discover.outputs import read_records
+
+    assert sorted(Path(r["image"]).name for r in read_records(out, fmt)) == [
+        f"{i}.png" for i in range(4)
+    ]
+
+
+def test_eval_resume_refuses_other_settings_unless_allowed(
+    tmp_path, run_cli, fast_models, checkpoint
+):
+    voc = write_voc_tree(tmp_path / "data", "2007")
+    out = tmp_path / "eval"
+    base = ["eval", "--dataset", "voc07", "--root", voc["devkit"], "--out", out]
+    code, _, err = run_cli(*base, "--limit", "2", *model_args(checkpoint))
+    assert code == 0, err
+    assert json.loads((out / "boxes.jsonl.settings.json").read_text())["settings"]["layer"] == 11
+    before = _snapshot(out)
+    code, _, err = run_cli(*base, "--resume", *model_args(checkpoint), "--k-patches", "50")
+    assert code == 2
+    one_error_line(err, "--resume:", "other settings", "--allow-settings-change")
+    assert _snapshot(out) == before
+    code, _, err = run_cli(
+        *base, "--resume", "--allow-settings-change", *model_args(checkpoint), "--k-patches", "50"
+    )
+    assert code == 0, err
+    assert "settings changed (method_params)" in err
+    assert len(read_jsonl(out / "boxes.jsonl")) == len(voc["ids"])
