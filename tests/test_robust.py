@@ -366,3 +366,51 @@ def test_eval_resume_refuses_other_settings_unless_allowed(
     assert code == 0, err
     assert "settings changed (method_params)" in err
     assert len(read_jsonl(out / "boxes.jsonl")) == len(voc["ids"])
+
+
+# ------------------------------------------------------------------ --min-score drops, goes on
+
+
+def test_min_score_drops_a_weak_object_and_keeps_searching(
+    tmp_path, run_cli, fast_models, checkpoint, monkeypatch
+):
+    """Three objects found in turn, the middle one weak: --min-score used to stop the
+    search there and lose the third. A scripted method fixes what is found."""
+    import torch
+
+    from discover.boxes import mask_box
+    from discover.methods import Method, Params
+    from discover.methods import base as methods_base
+
+    regions = [((0, 3), (0, 3), 2.0), ((3, 5), (4, 7), 0.1), ((5, 8), (7, 10), 1.0)]
+
+    class Found:
+        def __init__(self, mask: torch.Tensor, score: float) -> None:
+            self.mask, self.score, self.box = mask, score, mask_box(mask)
+            self.seed = int(torch.nonzero(mask.reshape(-1))[0])
+
+    def scripted(feats, grid, *, exclude=None, **params):
+        h, w = grid
+        taken = torch.zeros(h * w, dtype=torch.bool) if exclude is None else exclude
+        for (r0, r1), (c0, c1), score in regions:  # the first region not found yet
+            mask = torch.zeros(h, w, dtype=torch.bool)
+            mask[r0:r1, c0:c1] = True
+            if not (mask.reshape(-1) & taken.reshape(-1).cpu()).any():
+                return Found(mask, score)
+        raise methods_base.EmptyGraphError("nothing left")
+
+    monkeypatch.setitem(methods_base._REGISTRY, "_three", Method("_three", scripted, Params))
+    save(tmp_path / "a.png", scene(140, 112, RECT))  # 8 x 10 patches of 14 px
+    out = tmp_path / "r.jsonl"
+    model = ["--model", MODEL, "--checkpoint", checkpoint, "--method", "_three"]
+    code, _, err = run_cli(
+        "boxes", tmp_path / "a.png", "--out", out, *model, "--max-objects", "3",
+        "--min-score", "0.5",
+    )  # fmt: skip
+    assert code == 0, err
+    [rec] = read_jsonl(out)
+    assert rec["boxes"] == [[0, 0, 42, 42], [98, 70, 140, 112]]  # first and third
+    assert rec["scores"] == [2.0, 1.0]
+    code, _, err = run_cli("boxes", tmp_path / "a.png", "--out", out, *model, "--max-objects", "3")
+    assert code == 0, err
+    assert len(read_jsonl(out)[0]["boxes"]) == 3  # without --min-score the weak one stays
