@@ -15,6 +15,7 @@ progress bar with it).
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -125,6 +126,25 @@ def method_params(
     return out
 
 
+METHOD_OPTIONS = ("k_patches", "gram_bias", "center", "tau")
+"""The method parameters that have an option of their own (``--k-patches``...)."""
+
+
+def command_options(opts: dict[str, Any]) -> dict[str, Any]:
+    """The options of ``discover boxes`` / ``eval`` as the run functions take them: the
+    method parameters (named options and ``--param KEY=VALUE``) checked against the
+    method and gathered in ``method_params``, ``--max-size 0`` meaning native size."""
+    opts = dict(opts)
+    named = {k: opts.pop(k, None) for k in METHOD_OPTIONS}
+    if named["center"] is not None:
+        named["center"] = "true" if named["center"] else "false"
+    pairs = opts.pop("param", None) or []
+    opts["method_params"] = method_params(opts.get("model"), opts.get("method"), named, pairs)
+    if opts.get("max_size") == 0:
+        opts["max_size"] = None  # native size, explicitly
+    return opts
+
+
 def build_discoverer(options: Mapping[str, Any], defaults: Mapping[str, Any] | None = None):
     """A :class:`~discover.pipeline.Discoverer` from options where ``None`` = default.
 
@@ -165,12 +185,15 @@ def check_options(options: Mapping[str, Any]) -> None:
             check_feature_kind(options["features"])
     except ValueError as e:
         raise UsageError(str(e)) from None
-    for key in ("threads", "num_workers"):
+    for key, low in (("threads", 1), ("num_workers", 0), ("batch_size", 1), ("max_objects", 1),
+                     ("max_patches", 0)):  # fmt: skip
         value = options.get(key)
-        low = 0 if key == "num_workers" else 1
         if value is not None and int(value) < low:
             flag = "--workers" if key == "num_workers" else f"--{key.replace('_', '-')}"
             raise UsageError(f"{flag} must be >= {low}, got {value}")
+    score = options.get("min_score")
+    if score is not None and math.isnan(float(score)):
+        raise UsageError("--min-score must be a number, got nan")
     size = options.get("max_size")
     patch = spec_for(options.get("model") or DEFAULT_MODEL).patch_size or 1
     if size is not None and size != 0 and size < patch:
@@ -198,6 +221,13 @@ class BoxesSummary:
     @property
     def rate(self) -> float:
         return self.images / self.elapsed if self.elapsed > 0 else 0.0
+
+    def message(self) -> str:
+        """The run in one line (the CLI's summary)."""
+        return (
+            f"{self.images} images, {self.boxes} boxes, {self.failures} failures in "
+            f"{self.elapsed:.1f} s ({self.rate:.2f} img/s) -> {self.output}"
+        )
 
 
 def box_images(
@@ -398,6 +428,17 @@ class EvalSummary:
     is_main: bool = True
     summary_path: Path | None = None
 
+    def message(self) -> str:
+        """The evaluation in one line (the CLI's summary)."""
+        acc = self.run.acc
+        if self.interrupted:
+            return f"{acc.total} images kept in {self.run.boxes_path}"
+        return (
+            f"{self.dataset}: CorLoc {100 * acc.corloc:.2f} ({acc.correct}/{acc.total}), "
+            f"object recall {100 * acc.recall:.2f}, {len(acc.failures)} failures, "
+            f"{self.run.elapsed:.1f} s -> {self.summary_path}"
+        )
+
 
 def evaluate(
     dataset: str,
@@ -587,8 +628,8 @@ def inspect_paths(
 
     events = events or Events()
     check_options({"model": model, "device": device, "max_size": max_size})
-    files = _image_files(paths, recursive)
     thr = _threshold(threshold)
+    files = _image_files(paths, recursive)
     name = model or DEFAULT_MODEL
     common = {"device": device, "max_size": max_size}
     backbones = [
@@ -650,8 +691,8 @@ def find_registers(
     if test_time_registers is not None:
         raise UsageError("find-registers searches the model as it is: drop --test-time-registers")
     check_options({"model": model, "device": device, "max_size": max_size})
-    files = _image_files(paths, recursive)
     thr = _threshold(threshold, ("quantile:",))
+    files = _image_files(paths, recursive)
     bb = load_backbone(model, checkpoint, device=device, max_size=max_size)
     images = []
     events.start(len(files), "reading")

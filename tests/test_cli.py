@@ -381,7 +381,7 @@ def test_bad_option_values_are_one_line_errors(tmp_path, run_cli, fast_models, c
         ("--features", "nope", "features"),
         ("--k-patches", "0", "k_patches"),
         ("--gram-bias", "lots", "--gram-bias"),
-        ("--batch-size", "0", "batch_size"),
+        ("--batch-size", "0", "--batch-size"),
         ("--precision", "fp8", "precision"),
     ]:
         code, _, err = run_cli(*base, "--checkpoint", checkpoint, opt, value)

@@ -414,3 +414,149 @@ def test_min_score_drops_a_weak_object_and_keeps_searching(
     code, _, err = run_cli("boxes", tmp_path / "a.png", "--out", out, *model, "--max-objects", "3")
     assert code == 0, err
     assert len(read_jsonl(out)[0]["boxes"]) == 3  # without --min-score the weak one stays
+
+
+# ------------------------------------------------------------------------------ bad options
+
+_BAD_RUN_OPTIONS = [
+    (["--device", "tpu"], "'tpu'"),
+    (["--device", "mps"], "device 'mps'"),
+    (["--device", "cuda:3"], "device 'cuda:3'"),
+    (["--method", "tokencut", "--tau", "0"], "--tau"),
+    (["--method", "tokencut", "--tau", "1"], "--tau"),
+    (["--method", "tokencut", "--tau", "1.5"], "--tau"),
+    (["--threads", "0"], "--threads"),
+    (["--threads", "-2"], "--threads"),
+    (["--workers", "0"], "--workers"),
+    (["--max-size", "5"], "--max-size 5 is smaller than one 14-pixel patch"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--max-objects", "0"], "--max-objects must be >= 1"),
+    (["--max-patches", "-1"], "--max-patches must be >= 0"),
+    (["--min-score", "nan"], "--min-score"),
+    (["--k-patches", "0"], "--k-patches"),
+    (["--gram-bias", "lots"], "--gram-bias"),
+    (["--features", "nope"], "features"),
+    (["--precision", "fp8"], "precision"),
+    (["--bogus"], "No such option: --bogus"),
+]
+
+
+def _no_work(monkeypatch) -> list[str]:
+    """Record any attempt to list images or build a model: a bad option must stop first."""
+    import discover.backbone
+    import discover.runs
+
+    work: list[str] = []
+
+    def spy(name, real):
+        def record(*args, **kwargs):
+            work.append(name)
+            return real(*args, **kwargs)
+
+        return record
+
+    monkeypatch.setattr(
+        discover.runs, "iter_image_paths", spy("list", discover.runs.iter_image_paths)
+    )
+    monkeypatch.setattr(discover.backbone, "create_vit", spy("model", discover.backbone.create_vit))
+    return work
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"), _BAD_RUN_OPTIONS, ids=lambda v: " ".join(v) if isinstance(v, list) else ""
+)
+def test_boxes_bad_options_are_one_line_before_any_work(
+    tmp_path, run_cli, monkeypatch, args, needle
+):
+    import torch
+
+    if args == ["--device", "cuda:3"] and torch.cuda.device_count() > 3:
+        pytest.skip("this machine has a cuda:3")
+    save(tmp_path / "a.png", scene(28, 28, (0, 0, 14, 14)))
+    work = _no_work(monkeypatch)
+    out = tmp_path / "r.jsonl"
+    code, stdout, err = run_cli("boxes", tmp_path / "a.png", "--out", out, "--model", MODEL, *args)
+    assert code == 2, err
+    one_error_line(err, needle)
+    assert stdout == "" and work == [] and not out.exists() and not _sidecar(out, "jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    _BAD_RUN_OPTIONS[:10],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else "",
+)
+def test_eval_bad_options_are_one_line_before_any_work(
+    tmp_path, run_cli, monkeypatch, args, needle
+):
+    # the dataset is missing too: the option's error must come first
+    work = _no_work(monkeypatch)
+    out = tmp_path / "eval"
+    code, _, err = run_cli(
+        "eval",
+        "--dataset",
+        "voc07",
+        "--root",
+        tmp_path / "none",
+        "--out",
+        out,
+        "--model",
+        MODEL,
+        *args,
+    )
+    assert code == 2, err
+    one_error_line(err, needle)
+    assert work == [] and not out.exists()
+
+
+def test_out_dash_and_unknown_format_are_refused(tmp_path, run_cli, monkeypatch):
+    work = _no_work(monkeypatch)
+    for args, needle in [
+        (["--out", "-"], "--out -: writing to standard output is not supported"),
+        (["--format", "xml"], "--format must be one of jsonl, coco, csv, voc"),
+    ]:
+        code, stdout, err = run_cli("boxes", tmp_path / "nothing-here", *args)
+        assert code == 2, err
+        one_error_line(err, needle)
+        assert stdout == "" and not (tmp_path / "-").exists()
+    assert work == []
+
+
+@pytest.mark.parametrize("command", ["inspect", "find-registers"])
+def test_inspect_and_find_registers_map_errors_the_same_way(
+    tmp_path, run_cli, monkeypatch, command, checkpoint
+):
+    work = _no_work(monkeypatch)
+    out = tmp_path / "out"
+    missing = tmp_path / "no photos"
+    base = [command, missing, "--out", out, "--model", MODEL]
+    import torch
+
+    cases = [
+        (["--device", "tpu"], "'tpu'"),
+        (["--max-size", "5"], "--max-size 5 is smaller than one 14-pixel patch"),
+        (["--threshold", "lots"], "--threshold must be"),
+    ]
+    if torch.cuda.device_count() <= 3:
+        cases.append((["--device", "cuda:3"], "device 'cuda:3'"))
+    cases.append(([], f"no such file or folder: {missing}"))
+    for args, needle in cases:
+        code, stdout, err = run_cli(*base, *args)
+        assert code == 2, (args, err)
+        one_error_line(err, needle)
+        assert stdout == "" and not out.exists()
+    assert work == ["list"]  # only the last one got as far as listing images
+    save(tmp_path / "a.png", scene(28, 28, (0, 0, 14, 14)))
+    code, _, err = run_cli(
+        command,
+        tmp_path / "a.png",
+        "--out",
+        out,
+        "--model",
+        MODEL,
+        "--checkpoint",
+        tmp_path / "gone.pth",
+    )
+    assert code == 2
+    one_error_line(err, "checkpoint not found")
+    assert not out.exists()
