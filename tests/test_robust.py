@@ -463,7 +463,7 @@ def _no_work(monkeypatch) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    ("args", "needle"), _BAD_RUN_OPTIONS, ids=lambda v: " ".join(v) if isinstance(v, list) else ""
+    ("args", "needle"), _BAD_RUN_OPTIONS, ids=[" ".join(a) for a, _ in _BAD_RUN_OPTIONS]
 )
 def test_boxes_bad_options_are_one_line_before_any_work(
     tmp_path, run_cli, monkeypatch, args, needle
@@ -484,7 +484,7 @@ def test_boxes_bad_options_are_one_line_before_any_work(
 @pytest.mark.parametrize(
     ("args", "needle"),
     _BAD_RUN_OPTIONS[:10],
-    ids=lambda v: " ".join(v) if isinstance(v, list) else "",
+    ids=[" ".join(a) for a, _ in _BAD_RUN_OPTIONS[:10]],
 )
 def test_eval_bad_options_are_one_line_before_any_work(
     tmp_path, run_cli, monkeypatch, args, needle
@@ -560,3 +560,100 @@ def test_inspect_and_find_registers_map_errors_the_same_way(
     assert code == 2
     one_error_line(err, "checkpoint not found")
     assert not out.exists()
+
+
+# ------------------------------------------------------------------- Ctrl-C while starting
+
+
+def _ctrl_c(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("command", ["boxes", "eval", "inspect", "find-registers"])
+def test_ctrl_c_while_the_model_loads_is_one_line_exit_130(
+    tmp_path, run_cli, monkeypatch, command, checkpoint
+):
+    import discover.backbone
+
+    save(tmp_path / "a.png", scene(28, 28, (0, 0, 14, 14)))
+    voc = write_voc_tree(tmp_path / "data", "2007") if command == "eval" else None
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "boxes.jsonl").write_text('{"image": "kept"}\n')
+    before = _snapshot(out)
+    monkeypatch.setattr(discover.backbone, "create_vit", _ctrl_c)
+    args = {
+        "boxes": ["boxes", tmp_path / "a.png", "--out", out / "boxes.jsonl"],
+        "eval": ["eval", "--dataset", "voc07", "--root", voc and voc["devkit"], "--out", out],
+        "inspect": ["inspect", tmp_path / "a.png", "--out", out],
+        "find-registers": ["find-registers", tmp_path / "a.png", "--out", out / "n.json"],
+    }[command]
+    code, stdout, err = run_cli(*args, "--model", MODEL, "--checkpoint", checkpoint)
+    assert code == 130
+    assert err.strip() == "interrupted" and stdout == ""
+    assert _snapshot(out) == before  # nothing written, nothing emptied
+
+
+def test_ctrl_c_while_a_command_imports_its_modules(tmp_path, run_cli, monkeypatch):
+    """The commands import torch & co. inside: a Ctrl-C there used to print a traceback."""
+    import sys
+
+    class CtrlCOnImport:
+        def find_spec(self, name, path=None, target=None):
+            if name == "discover.runs":
+                raise KeyboardInterrupt
+            return None
+
+    monkeypatch.delitem(sys.modules, "discover.runs")
+    monkeypatch.setattr(sys, "meta_path", [CtrlCOnImport(), *sys.meta_path])
+    save(tmp_path / "a.png", scene(28, 28, (0, 0, 14, 14)))
+    code, stdout, err = run_cli("boxes", tmp_path / "a.png", "--out", tmp_path / "r.jsonl")
+    assert code == 130
+    assert err.strip() == "interrupted" and stdout == ""
+    assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_ctrl_c_while_the_command_line_itself_starts(tmp_path):
+    """A Ctrl-C while ``discover.cli`` imports (typer, rich) ends as one line, 130: the
+    console script's ``from discover.cli import main`` exits instead of a traceback."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import builtins\n"
+        "real = builtins.__import__\n"
+        "def ctrl_c(name, *args, **kwargs):\n"
+        "    if name == 'typer':\n"
+        "        raise KeyboardInterrupt\n"
+        "    return real(name, *args, **kwargs)\n"
+        "builtins.__import__ = ctrl_c\n"
+        "from discover.cli import main\n"
+        "main()\n"
+    )
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "boxes", "x"], capture_output=True, text=True, env=env,
+        cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr == "interrupted\n" and proc.stdout == ""
+
+
+def test_the_command_line_imports_no_torch_before_a_command_runs():
+    """What makes --help fast and a Ctrl-C at start-up catchable: torch is imported
+    inside the commands, not by ``import discover.cli``."""
+    import os
+    import subprocess
+    import sys
+
+    heavy = "('torch', 'timm', 'cv2', 'numpy')"
+    code = f"import sys, discover.cli; print(sorted(m for m in {heavy} if m in sys.modules))"
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
