@@ -427,15 +427,18 @@ class EvalSummary:
     interrupted: bool = False
     is_main: bool = True
     summary_path: Path | None = None
+    box_issues: int = 0
+    """Ground-truth boxes inverted or outside their image (kept; see ``summary.json``)."""
 
     def message(self) -> str:
         """The evaluation in one line (the CLI's summary)."""
         acc = self.run.acc
         if self.interrupted:
             return f"{acc.total} images kept in {self.run.boxes_path}"
+        flagged = f", {self.box_issues} ground-truth boxes flagged" if self.box_issues else ""
         return (
             f"{self.dataset}: CorLoc {100 * acc.corloc:.2f} ({acc.correct}/{acc.total}), "
-            f"object recall {100 * acc.recall:.2f}, {len(acc.failures)} failures, "
+            f"object recall {100 * acc.recall:.2f}, {len(acc.failures)} failures{flagged}, "
             f"{self.run.elapsed:.1f} s -> {self.summary_path}"
         )
 
@@ -524,7 +527,15 @@ def evaluate(
         samples=dist.shard(samples, key=lambda s: s.image_id, done=done),
         boxes_name=dist.part_path(Path("boxes.jsonl")).name,
     )
-    result = EvalSummary(run, ds.name, is_main=dist.is_main)
+    issues = ds.box_issues
+    result = EvalSummary(run, ds.name, is_main=dist.is_main, box_issues=len(issues))
+    if issues and dist.is_main:
+        images = len({image_id for image_id, _ in issues})
+        events.warn(
+            f"{len(issues)} ground-truth box(es) in {images} image(s) are inverted or reach "
+            f"outside their image, kept as LOST keeps them (listed in summary.json); "
+            f"the first: {issues[0][0]}: {issues[0][1]}"
+        )
     paths = {s.image_id: s.path for s in ds}
     events.start(len(run.samples), f"{ds.name} {discoverer.method.name}")
     records = run.run()
@@ -546,7 +557,7 @@ def evaluate(
     if reports is not None:
         run.score_merged(samples, reports)
     if dist.is_main:
-        result.summary_path = run.write_summary()
+        result.summary_path = run.write_summary(ground_truth_issues=[list(i) for i in issues])
     return result
 
 

@@ -657,3 +657,36 @@ def test_the_command_line_imports_no_torch_before_a_command_runs():
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------------ what eval warns about
+
+
+def test_eval_warns_about_bad_ground_truth_boxes_and_names_missing_files(
+    tmp_path, run_cli, fast_models, checkpoint
+):
+    voc = write_voc_tree(tmp_path / "data", "2007")
+    flagged, missing = voc["ids"][0], voc["ids"][2]
+    xml = voc["voc_dir"] / "Annotations" / f"{flagged}.xml"
+    outside = (
+        "<object><name>kite</name><bndbox><xmin>5</xmin><ymin>5</ymin><xmax>500</xmax>"
+        "<ymax>20</ymax></bndbox></object></annotation>"
+    )
+    xml.write_text(xml.read_text().replace("</annotation>", outside))
+    jpeg = voc["voc_dir"] / "JPEGImages" / f"{missing}.jpg"
+    jpeg.unlink()
+    out = tmp_path / "eval"
+    code, _, err = run_cli("eval", "--dataset", "voc07", "--root", voc["devkit"], "--out", out,
+                           *model_args(checkpoint))  # fmt: skip
+    assert code == 0, err
+    warnings = [ln for ln in err.splitlines() if ln.startswith("warning: ")]
+    [gt] = [w for w in warnings if "ground-truth" in w]
+    assert gt.startswith("warning: 1 ground-truth box(es) in 1 image(s) are inverted or reach")
+    assert f"the first: {flagged}: {flagged}.xml: object " in gt and "(kite) reaches outside" in gt
+    assert f"warning: {missing}: file not found ({jpeg})" in warnings  # names the file
+    summary = json.loads((out / "summary.json").read_text())
+    [[image_id, issue]] = summary["ground_truth_issues"]
+    assert image_id == flagged and "xmax 500" in issue
+    assert "1 ground-truth boxes flagged" in err.strip().splitlines()[-1]
+    # the box is kept, as LOST keeps it: the image is scored against it like any other
+    assert summary["evaluated"] == len(voc["ids"])
