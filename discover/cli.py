@@ -65,11 +65,12 @@ MODEL_OPTIONS = {
     "model": _opt(str, "--model", "-m", help="timm model name (see discover models)."),
     "checkpoint": _opt(Path, "--checkpoint", help="Local weights file (offline)."),
     "device": _opt(str, "--device", help="cpu (default), cuda, cuda:N or mps."),
-    "max_size": _opt(int, "--max-size", help="Longer side at most S pixels (0: native size)."),
+    "max_size": _opt(int, "--max-size", help="Longer side at most N pixels (0: native size)."),
     "test_time_registers": _opt(
         str, "--test-time-registers", help="For a model without registers: 'auto' or a JSON."
     ),
 }
+_PRECISION_HELP = "fp32 (default); bf16 (on a CPU only with native bf16, else fp32); fp16 (GPU)."
 RUN_OPTIONS = {
     "features": _opt(
         str, "--features", help="keys, queries, values, tokens (default: per method)."
@@ -85,9 +86,7 @@ RUN_OPTIONS = {
     "min_score": _opt(float, "--min-score", help="Drop objects scoring below this."),
     "max_patches": _opt(int, "--max-patches", help="Patch budget at native size (9216; 0: none)."),
     "batch_size": _opt(int, "--batch-size", "-b", help="Images per forward pass (1)."),
-    "precision": _opt(
-        str, "--precision", help="fp32 (default); bf16 (CPUs with native bf16, else fp32); fp16."
-    ),
+    "precision": _opt(str, "--precision", help=_PRECISION_HELP),
     "threads": _opt(int, "--threads", min=1, help="CPU threads for torch (default: torch's)."),
     "num_workers": _opt(int, "--workers", min=1, help="Image-decoding threads (2)."),
     "resume": _flag("--resume", help="Skip the images already in the output."),

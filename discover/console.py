@@ -6,6 +6,8 @@ work and reports to a :class:`Bar` through the :class:`discover.runs.Events` met
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -46,6 +48,20 @@ def error(text: str) -> None:
     say(err, text, "[red]error[/]: ")
 
 
+def _one_line_warnings(default: Callable[..., Any]) -> Callable[..., Any]:
+    """A ``warnings.showwarning`` printing the package's own warnings (e.g. "this CPU has
+    no native bf16 support; using fp32") as one ``warning:`` line; others as before."""
+    package = os.path.dirname(os.path.abspath(__file__))
+
+    def show(message: Any, category: Any, filename: str, lineno: int, *args: Any) -> None:
+        if os.path.abspath(filename).startswith(package + os.sep):
+            warn(err, str(message))
+        else:
+            default(message, category, filename, lineno, *args)
+
+    return show
+
+
 def run_app(app: Callable[..., Any]) -> int:
     """Run the typer ``app`` (a command line) and return its exit code; every way it can
     end that is not a success prints exactly one line on stderr first:
@@ -66,7 +82,9 @@ def run_app(app: Callable[..., Any]) -> int:
     click = importlib.import_module(typer.BadParameter.__module__)
     no_args = getattr(click, "NoArgsIsHelpError", ())
     try:
-        code = app(standalone_mode=False)
+        with warnings.catch_warnings():  # restores showwarning afterwards
+            warnings.showwarning = _one_line_warnings(warnings.showwarning)
+            code = app(standalone_mode=False)
     except no_args as e:  # `discover` alone: the help, as click shows it
         e.show()
         return e.exit_code

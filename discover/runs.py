@@ -18,6 +18,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,7 +181,9 @@ def check_options(options: Mapping[str, Any]) -> None:
     try:
         device = resolve_device(options.get("device") or "cpu")
         if options.get("precision") is not None:
-            resolve_precision(options["precision"], device)
+            with warnings.catch_warnings():  # the Backbone tells what it falls back to
+                warnings.simplefilter("ignore")
+                resolve_precision(options["precision"], device)
         if options.get("features") is not None:
             check_feature_kind(options["features"])
     except ValueError as e:

@@ -72,6 +72,21 @@ def test_detection_fields(discoverer):
     assert res.boxes == [det.box]
 
 
+def test_detection_repr_is_one_short_line():
+    """It used to print the whole mask tensor (hundreds of lines for a large grid)."""
+    mask = torch.zeros(37, 37, dtype=torch.bool)
+    mask[3:9, 2:6] = True
+    det = Detection(box=(28.0, 42.5, 84.0, 126.0), score=1.23456789, seed=(4, 3), mask=mask,
+                    patch_box=(2, 3, 6, 9))  # fmt: skip
+    text = repr(det)
+    assert text == (
+        "Detection(box=(28, 42.5, 84, 126), score=1.235, seed=(4, 3), mask=37x37 with 24 patches)"
+    )
+    assert "tensor" not in text and "\n" not in text
+    res = ImageResult("a.jpg", [det], width=518, height=518, extras={"image": np.zeros((9, 9))})
+    assert "\n" not in repr(res) and "array" not in repr(res) and text in repr(res)
+
+
 def test_call_accepts_path_pil_and_array(discoverer, scene_files):
     path, rect = scene_files[0]
     arr = np.asarray(Image.open(path).convert("RGB"))

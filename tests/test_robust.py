@@ -690,3 +690,87 @@ def test_eval_warns_about_bad_ground_truth_boxes_and_names_missing_files(
     assert "1 ground-truth boxes flagged" in err.strip().splitlines()[-1]
     # the box is kept, as LOST keeps it: the image is scored against it like any other
     assert summary["evaluated"] == len(voc["ids"])
+
+
+# ------------------------------------------------------------------ what the terminal shows
+
+
+def test_a_newline_in_a_file_name_keeps_the_warning_on_one_line(tmp_path, run_cli, fast_models,
+                                                               checkpoint):  # fmt: skip
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "two\nlines.png").write_bytes(b"")
+    (photos / "carriage\rreturn.png").write_bytes(b"")
+    save(photos / "good.png", scene(140, 112, RECT))
+    code, _, err = run_cli("boxes", photos, "--out", tmp_path / "r.jsonl", *model_args(checkpoint))
+    assert code == 0, err
+    lines = err.splitlines()
+    assert f"warning: {photos}/two\\nlines.png: empty file (0 bytes)" in lines
+    assert f"warning: {photos}/carriage\\rreturn.png: empty file (0 bytes)" in lines
+    assert "\r" not in err.replace("\r\n", "\n").split("boxing")[0]
+    # the output keeps the real names
+    names = {Path(r["image"]).name for r in read_jsonl(tmp_path / "r.jsonl")}
+    assert names == {"two\nlines.png", "carriage\rreturn.png", "good.png"}
+
+
+def test_boxing_one_image_prints_its_boxes(tmp_path, run_cli, fast_models, checkpoint):
+    image = save(tmp_path / "a.png", scene(140, 112, RECT))
+    code, stdout, err = run_cli("boxes", image, "--out", tmp_path / "r.jsonl",
+                                *model_args(checkpoint))  # fmt: skip
+    assert code == 0, err
+    [rec] = read_jsonl(tmp_path / "r.jsonl")
+    lines = [ln for ln in err.splitlines() if ln.startswith(image.as_posix())]
+    assert lines == [f"{image.as_posix()}: {list(RECT)} ({rec['scores'][0]:.2f})"]
+    assert err.strip().splitlines()[-1].startswith("1 images, 1 boxes, 0 failures")
+    bad = tmp_path / "empty.png"
+    bad.write_bytes(b"")
+    code, _, err = run_cli("boxes", bad, "--out", tmp_path / "r2.jsonl", *model_args(checkpoint))
+    assert code == 0 and f"{bad.as_posix()}: empty file (0 bytes)" in err.splitlines()
+
+
+def test_version(run_cli):
+    from discover.version import __version__
+
+    for flag in ("--version",):
+        code, stdout, err = run_cli(flag)
+        assert code == 0 and stdout == f"regdiscover {__version__}\n" and err == ""
+
+
+def test_the_help_at_80_columns_shows_every_option_whole(run_cli, monkeypatch):
+    """At 80 columns rich's help tables used to cut help texts and defaults off."""
+    import typer
+
+    from discover.cli import app
+
+    monkeypatch.setenv("COLUMNS", "80")
+    group = typer.main.get_command(app)
+    for name in ("boxes", "eval", "inspect", "find-registers"):
+        code, stdout, err = run_cli(name, "--help")
+        assert code == 0, err
+        assert max(len(line) for line in stdout.splitlines()) <= 80, name
+        flat = " ".join(stdout.split())
+        options = [p for p in group.commands[name].params if p.param_type_name == "option"]
+        assert len(options) > 3
+        for param in options:
+            for opt in param.opts:
+                assert opt in flat, (name, opt)
+            assert " ".join(param.help.split()) in flat, (name, param.opts)
+            if param.show_default and param.default not in (None, False):
+                assert f"[default: {param.default}" in flat, (name, param.opts)
+    code, stdout, _ = run_cli("boxes", "--help")
+    assert "[default: jsonl]" in " ".join(stdout.split())
+    assert "else fp32" in stdout  # --precision: see test_bf16_needs_native_support
+
+
+def test_package_warnings_are_one_line(tmp_path, run_cli, fast_models, checkpoint, monkeypatch):
+    import discover.backbone
+
+    monkeypatch.setattr(discover.backbone, "cpu_supports_bf16", lambda: False)
+    image = save(tmp_path / "a.png", scene(140, 112, RECT))
+    code, _, err = run_cli("boxes", image, "--out", tmp_path / "r.jsonl", "--precision", "bf16",
+                           *model_args(checkpoint))  # fmt: skip
+    assert code == 0, err
+    assert err.splitlines()[0] == "warning: this CPU has no native bf16 support; using fp32"
+    assert "UserWarning" not in err
+    settings = json.loads((tmp_path / "r.jsonl.settings.json").read_text())["settings"]
+    assert settings["precision"] == "fp32"  # what ran, not what was asked
