@@ -119,6 +119,25 @@ def no_big_decode(monkeypatch) -> Iterator[list[tuple[int, int]]]:
     yield refused
 
 
+# -- tolerances -------------------------------------------------------------------------
+# A float32 result depends on the order of its sums, which differs between CPUs (SIMD
+# width, blocking of the matmul kernels) and between batch sizes. A tolerance measured on
+# one machine therefore fails on another. Each comparison in the tests is either made in
+# float64 (where reordering moves results by ~1e-13, far below what a bug moves) or given
+# a bound derived from the arithmetic, with Higham's gamma below.
+U32 = torch.finfo(torch.float32).eps / 2
+"""The unit roundoff of float32 (2**-24): the relative error of one rounding."""
+
+
+def gamma(n: int, dtype: torch.dtype = torch.float32) -> float:
+    """Higham's ``gamma_n = n u / (1 - n u)``: the relative error bound of a sum of
+    ``n + 1`` terms or a dot product of length ``n``, in ANY order of summation (recursive,
+    pairwise, blocked or SIMD), relative to the sum of the terms' absolute values (Higham,
+    Accuracy and Stability of Numerical Algorithms, 2nd ed., sections 3.1 and 4.2)."""
+    u = torch.finfo(dtype).eps / 2
+    return n * u / (1 - n * u)
+
+
 @pytest.fixture(scope="session")
 def vit_and_checkpoint(tmp_path_factory) -> tuple[torch.nn.Module, str]:
     """A random-init ``vit_small_patch14_reg4_dinov2`` and its weights saved to a file."""
