@@ -771,6 +771,19 @@ def _voc_coords(box: list[float]) -> list[int]:
     return [int(round(x0)) + 1, int(round(y0)) + 1, int(round(x1)), int(round(y1))]
 
 
+def check_folder_target(path: str | os.PathLike[str]) -> None:
+    """Raise when a folder could not be created at ``path`` or written in (touches nothing).
+
+    Raises:
+        OutputError: ``path`` is a file.
+        OSError: no permission, or a file where a parent folder should be.
+    """
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise OutputError(f"{p} is a file, not a folder")
+    _check_writable(p / "probe")
+
+
 def _check_writable(path: Path) -> None:
     """Raise ``OSError`` when ``path`` could not be created or replaced (touches nothing)."""
     if path.exists():

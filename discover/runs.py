@@ -32,6 +32,7 @@ from discover.models import DEFAULT_MODEL, spec_for
 from discover.outputs import (
     FORMATS,
     OutputError,
+    check_folder_target,
     open_writer,
     result_record,
     settings_path,
@@ -288,10 +289,10 @@ def box_images(
     default_out = "results" if fmt == "voc" else f"results.{fmt}"
     out_path = Path(out) if out is not None else Path(default_out)
     viz_dir = Path(viz) if viz is not None else None
-    if viz_dir is not None:
+    if viz_dir is not None:  # checked now, created with its first picture
         try:
-            viz_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
+            check_folder_target(viz_dir)
+        except (OSError, OutputError) as e:
             raise UsageError(f"cannot create the --viz folder {viz_dir}: {_reason(e)}") from None
     dist = DistContext.from_env(options.get("device") or "cpu")
     part = dist.part_path(out_path)

@@ -154,11 +154,13 @@ def test_a_run_that_fails_before_its_first_image_keeps_the_output(
         "a bad --checkpoint": (["--model", MODEL, "--checkpoint", text], "it is a text file"),
         "--device tpu": ([*model_args(checkpoint), "--device", "tpu"], "'tpu'"),
     }
+    viz = tmp_path / "viz"
     for cause, (args, needle) in causes.items():
-        code, _, err = run_cli("boxes", imgs, "--out", out, "--format", fmt, *args)
+        code, _, err = run_cli("boxes", imgs, "--out", out, "--format", fmt, "--viz", viz, *args)
         assert code == 2, (cause, err)
         one_error_line(err, needle)
         assert _snapshot(out) == before, cause  # not emptied, not touched
+        assert not viz.exists(), cause  # nor anything else created
 
 
 def test_an_eval_that_fails_before_its_first_image_keeps_the_output(
@@ -774,3 +776,30 @@ def test_package_warnings_are_one_line(tmp_path, run_cli, fast_models, checkpoin
     assert "UserWarning" not in err
     settings = json.loads((tmp_path / "r.jsonl.settings.json").read_text())["settings"]
     assert settings["precision"] == "fp32"  # what ran, not what was asked
+
+
+def test_resume_without_a_settings_file_warns(tmp_path, run_cli, fast_models, checkpoint):
+    photos = _photos(tmp_path / "photos", 2)
+    out = tmp_path / "r.jsonl"
+    code, _, err = run_cli("boxes", photos[0], "--out", out, *model_args(checkpoint))
+    assert code == 0, err
+    _sidecar(out, "jsonl").unlink()  # as an older version left it
+    code, _, err = run_cli("boxes", photos[0].parent, "--out", out, "--resume",
+                           *model_args(checkpoint))  # fmt: skip
+    assert code == 0, err
+    assert "warning: resume: " in err and "records no settings" in err
+    assert _resume_line(err).startswith("resume: 1 done, 1 to go")
+    assert _sidecar(out, "jsonl").exists()  # written again with the next record
+
+
+def test_an_option_checked_against_the_model_still_writes_nothing(
+    tmp_path, run_cli, fast_models, checkpoint
+):
+    photos = _photos(tmp_path / "photos", 1)
+    out = tmp_path / "keep.jsonl"
+    out.write_text('{"image": "kept"}\n')
+    code, _, err = run_cli("boxes", photos[0], "--out", out, "--layer", "99",
+                           *model_args(checkpoint))  # fmt: skip
+    assert code == 2
+    one_error_line(err, "99")
+    assert out.read_text() == '{"image": "kept"}\n' and not _sidecar(out, "jsonl").exists()
