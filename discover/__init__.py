@@ -18,11 +18,25 @@ With real weights use ``Discoverer()`` (DINOv2 ViT-S/14 with registers from the 
 one-shot ``discover(path)`` for a single image.
 """
 
-from discover.backbone import Backbone, Features
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from discover.errors import DatasetError, ImageError, RegdiscoverError, WeightsError
 from discover.models import DEFAULT_MODEL, OFFLINE_MODEL
-from discover.pipeline import Detection, Discoverer, ImageResult, discover
 from discover.version import __version__
+
+# The rest is imported on first use (PEP 562): ``import discover`` (and so the command
+# line, its --help and a Ctrl-C while it starts) does not wait for torch.
+_LAZY = {
+    "Backbone": "discover.backbone",
+    "Features": "discover.backbone",
+    "Detection": "discover.pipeline",
+    "Discoverer": "discover.pipeline",
+    "ImageResult": "discover.pipeline",
+    "discover": "discover.pipeline",
+}
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -39,3 +53,16 @@ __all__ = [
     "__version__",
     "discover",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'discover' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # once imported, a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

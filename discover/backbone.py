@@ -383,8 +383,9 @@ class Backbone(nn.Module):
         out_at = {li} if "tokens" in kinds else set()
         if norms:
             out_at.add(last)
-        if self.precision == "bf16":
-            x = x.to(torch.bfloat16)
+        # The model's own dtype: bfloat16 once converted, float64 for a model made double
+        # (the tests compare batchings there, free of float32's order-dependent rounding).
+        x = x.to(next(self.model.parameters()).dtype)
         qkv: dict[int, tuple[torch.Tensor, ...]] = {}
         outs: dict[int, torch.Tensor] = {}
         with self._autocast():

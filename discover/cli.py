@@ -12,16 +12,29 @@ owns the defaults. Heavy modules are imported inside the commands so ``--help`` 
 
 from __future__ import annotations
 
-import functools
-import inspect as pyinspect
 import sys
-from pathlib import Path
-from typing import Annotated, Any
 
-import typer
+try:  # Ctrl-C while the command line starts (the rest imports inside the commands)
+    import functools
+    import inspect as pyinspect
+    from pathlib import Path
+    from typing import Annotated, Any
 
-from discover.console import Bar, err, print_models, print_norms, print_single_results, say
-from discover.errors import RegdiscoverError, first_line
+    import typer
+
+    from discover.console import (
+        Bar,
+        err,
+        print_models,
+        print_norms,
+        print_single_results,
+        run_app,
+        say,
+    )
+    from discover.errors import Interrupted
+except KeyboardInterrupt:
+    sys.stderr.write("interrupted\n")
+    raise SystemExit(130) from None
 
 app = typer.Typer(
     add_completion=False,
@@ -52,11 +65,12 @@ MODEL_OPTIONS = {
     "model": _opt(str, "--model", "-m", help="timm model name (see discover models)."),
     "checkpoint": _opt(Path, "--checkpoint", help="Local weights file (offline)."),
     "device": _opt(str, "--device", help="cpu (default), cuda, cuda:N or mps."),
-    "max_size": _opt(int, "--max-size", help="Longer side at most S pixels (0: native size)."),
+    "max_size": _opt(int, "--max-size", help="Longer side at most N pixels (0: native size)."),
     "test_time_registers": _opt(
         str, "--test-time-registers", help="For a model without registers: 'auto' or a JSON."
     ),
 }
+_PRECISION_HELP = "fp32 (default); bf16 (on a CPU only with native bf16, else fp32); fp16 (GPU)."
 RUN_OPTIONS = {
     "features": _opt(
         str,
@@ -75,16 +89,13 @@ RUN_OPTIONS = {
     "min_score": _opt(float, "--min-score", help="Drop objects scoring below this."),
     "max_patches": _opt(int, "--max-patches", help="Patch budget at native size (9216; 0: none)."),
     "batch_size": _opt(int, "--batch-size", "-b", help="Images per forward pass (1)."),
-    "precision": _opt(
-        str, "--precision", help="fp32 (default); bf16 (CPUs with native bf16, else fp32); fp16."
-    ),
+    "precision": _opt(str, "--precision", help=_PRECISION_HELP),
     "threads": _opt(int, "--threads", min=1, help="CPU threads for torch (default: torch's)."),
     "num_workers": _opt(int, "--workers", min=1, help="Image-decoding threads (2)."),
     "resume": _flag("--resume", help="Skip the images already in the output."),
     "allow_settings_change": _flag("--allow-settings-change", help="--resume with new settings."),
 }
 PATH_OPTIONS = {"recursive": _flag("--recursive", "-r", help="Descend folders.")}
-_METHOD_KEYS = ("k_patches", "gram_bias", "center", "tau")
 PathsArg = Annotated[
     list[Path],
     typer.Argument(help="Image files or folders.", metavar="PATH...", show_default=False),
@@ -117,20 +128,6 @@ def with_options(*groups: dict[str, Any]):
     return deco
 
 
-def _run_options(opts: dict[str, Any]) -> dict[str, Any]:
-    """Split the method parameters off the options (checked against the method)."""
-    from discover.runs import method_params
-
-    named = {k: opts.pop(k) for k in _METHOD_KEYS}
-    if named["center"] is not None:
-        named["center"] = "true" if named["center"] else "false"
-    pairs = opts.pop("param") or []
-    opts["method_params"] = method_params(opts.get("model"), opts.get("method"), named, pairs)
-    if opts.get("max_size") == 0:
-        opts["max_size"] = None  # native size, explicitly
-    return opts
-
-
 # -- commands ----------------------------------------------------------------------------
 @app.command()
 @with_options(MODEL_OPTIONS, RUN_OPTIONS, PATH_OPTIONS)
@@ -145,21 +142,16 @@ def boxes(
     opts: dict[str, Any],
 ) -> None:
     """Discover the main object(s) in images and write their boxes."""
-    from discover.runs import box_images
+    from discover.runs import box_images, command_options
 
-    opts = _run_options(opts)
+    opts = command_options(opts)
     with Bar() as bar:
         s = box_images(paths, out=out_path, fmt=fmt, viz=viz, events=bar, **opts)
     print_single_results(s.results)  # a single image: show its boxes
-    msg = (
-        f"{s.images} images, {s.boxes} boxes, {s.failures} failures in {s.elapsed:.1f} s "
-        f"({s.rate:.2f} img/s) -> {s.output}"
-    )
     if s.interrupted:
-        say(err, f"interrupted: {msg} (run again with --resume to finish)")
-        raise typer.Exit(130)
+        raise Interrupted(f"interrupted: {s.message()} (run again with --resume to finish)")
     if s.is_main:
-        say(err, msg)
+        say(err, s.message())
 
 
 @app.command("eval")
@@ -187,23 +179,18 @@ def eval_(
     opts: dict[str, Any],
 ) -> None:
     """CorLoc of single-object discovery on VOC07, VOC12, COCO20k or a VOC-layout tree."""
-    from discover.runs import evaluate
+    from discover.runs import command_options, evaluate
 
-    opts = _run_options(opts)
+    opts = command_options(opts)
     with Bar() as bar:
         s = evaluate(
             dataset, root, out_dir=out_dir, split=split, coco_list=coco_list,
             ann_file=ann_file, no_hard=no_hard, limit=limit, events=bar, **opts,
         )  # fmt: skip
-    acc = s.run.acc
     if s.interrupted:
-        say(err, f"interrupted after {acc.total} images, kept in {s.run.boxes_path} "
-             "(run again with --resume to finish)")  # fmt: skip
-        raise typer.Exit(130)
+        raise Interrupted(f"interrupted: {s.message()} (run again with --resume to finish)")
     if s.is_main:
-        say(err, f"{s.dataset}: CorLoc {100 * acc.corloc:.2f} ({acc.correct}/{acc.total}), "
-             f"object recall {100 * acc.recall:.2f}, {len(acc.failures)} failures, "
-             f"{s.run.elapsed:.1f} s -> {s.summary_path}")  # fmt: skip
+        say(err, s.message())
 
 
 @app.command()
@@ -294,25 +281,9 @@ def _root(
 
 
 def main() -> None:
-    """Console-script entry point: every expected failure is one line, exit code 2.
-
-    Typer runs in standalone mode, so its own usage errors (unknown option, missing
-    argument, bad value) print their message and exit with 2, and ``typer.Exit(code)``
-    and Ctrl-C (130) keep their exit codes. Our errors, raised from a command, come
-    out of ``app()`` as exceptions and are reported here as one line.
-    """
-    try:
-        app()  # always ends in SystemExit when nothing is raised
-    except RegdiscoverError as e:
-        say(err, str(e), "[red]error[/]: ")
-        sys.exit(2)
-    except OSError as e:  # the environment failed us mid-run (disk full, lost mount...)
-        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
-        say(err, f"{where}{e.strerror or first_line(e)}", "[red]error[/]: ")
-        sys.exit(2)
-    except KeyboardInterrupt:
-        say(err, "interrupted")
-        sys.exit(130)
+    """Console-script entry point: one line and exit code 2 for every bad option or
+    expected failure, ``interrupted`` and 130 for Ctrl-C (:func:`discover.console.run_app`)."""
+    sys.exit(run_app(app))
 
 
 if __name__ == "__main__":  # pragma: no cover

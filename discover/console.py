@@ -6,7 +6,9 @@ work and reports to a :class:`Bar` through the :class:`discover.runs.Events` met
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+import warnings
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from rich.console import Console
@@ -25,6 +27,8 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from discover.errors import Interrupted, RegdiscoverError, first_line
+
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False)
 
@@ -38,6 +42,76 @@ def say(console: Console, text: str, label: str = "") -> None:
 
 def warn(console: Console, text: str) -> None:
     say(console, text, "[yellow]warning[/]: ")
+
+
+def error(text: str) -> None:
+    say(err, text, "[red]error[/]: ")
+
+
+def _one_line_warnings(default: Callable[..., Any]) -> Callable[..., Any]:
+    """A ``warnings.showwarning`` printing the package's own warnings (e.g. "this CPU has
+    no native bf16 support; using fp32") as one ``warning:`` line; others as before."""
+    package = os.path.dirname(os.path.abspath(__file__))
+
+    def show(message: Any, category: Any, filename: str, lineno: int, *args: Any) -> None:
+        if os.path.abspath(filename).startswith(package + os.sep):
+            warn(err, str(message))
+        else:
+            default(message, category, filename, lineno, *args)
+
+    return show
+
+
+def run_app(app: Callable[..., Any]) -> int:
+    """Run the typer ``app`` (a command line) and return its exit code; every way it can
+    end that is not a success prints exactly one line on stderr first:
+
+    - a bad option, value or argument (click's usage errors) and every error the package
+      raises on purpose (:class:`~discover.errors.RegdiscoverError`): ``error: ...``, 2;
+    - the environment failing mid-run (disk full, a lost mount: ``OSError``): 2;
+    - Ctrl-C, at any moment of a command (imports, model loading, the run):
+      ``interrupted`` (or what the run kept, :class:`~discover.errors.Interrupted`), 130.
+
+    ``discover`` alone prints the help, as click does (exit code 2).
+    """
+    import importlib
+
+    import typer
+
+    # click's exceptions, wherever this typer takes click from (it may vendor its own)
+    click = importlib.import_module(typer.BadParameter.__module__)
+    no_args = getattr(click, "NoArgsIsHelpError", ())
+    try:
+        with warnings.catch_warnings():  # restores showwarning afterwards
+            warnings.showwarning = _one_line_warnings(warnings.showwarning)
+            code = app(standalone_mode=False)
+    except no_args as e:  # `discover` alone: the help, as click shows it
+        e.show()
+        return e.exit_code
+    except click.ClickException as e:  # unknown option, bad value, missing argument...
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        error(e.format_message() + hint)
+        return e.exit_code
+    except (getattr(click, "Abort", typer.Abort), typer.Abort):  # end of input at a prompt
+        say(err, "aborted")
+        return 1
+    except Interrupted as e:
+        say(err, str(e) or "interrupted")
+        return 130
+    except RegdiscoverError as e:
+        error(str(e))
+        return 2
+    except OSError as e:  # the environment failed us mid-run (disk full, lost mount...)
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        error(f"{where}{e.strerror or first_line(e)}")
+        return 2
+    except KeyboardInterrupt:
+        say(err, "interrupted")
+        return 130
+    if code == 130:  # typer turns a Ctrl-C inside a command into 130, silently
+        say(err, "interrupted")
+    return int(code or 0)
 
 
 class RateColumn(ProgressColumn):

@@ -26,6 +26,11 @@ COCO20k (``coco20k``)
     the CorLoc denominator (its id is listed in :attr:`Dataset.skipped`). Without
     ``no_hard`` every image and every box (difficult ones included) is kept.
 
+Ground-truth boxes that are inverted (``xmin > xmax`` or ``ymin > ymax``) or reach
+outside the image (VOC: below 1 or beyond ``<size>``) are kept, as LOST keeps them (so
+that CorLoc stays comparable), but each one is noted in the sample's ``issues`` and
+listed by :attr:`Dataset.box_issues`, for the evaluation to warn about and count.
+
 Per-image problems never abort loading: a missing or malformed XML file, or an
 unusable COCO record, gives a :class:`Sample` with ``error`` set and no boxes, which the
 CorLoc accumulator counts as evaluated-and-not-localized. Such samples are kept even
@@ -85,6 +90,8 @@ class Sample:
             file has no ``categories``).
         difficult, truncated: bool arrays ``[M]`` (always False for COCO).
         error: why this image's ground truth could not be read, else ``None``.
+        issues: one line per suspicious ground-truth box (inverted, or outside the
+            image), kept all the same.
     """
 
     image_id: str
@@ -96,6 +103,7 @@ class Sample:
     difficult: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
     truncated: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
     error: str | None = None
+    issues: tuple[str, ...] = ()
 
     @property
     def hard(self) -> np.ndarray:
@@ -115,6 +123,7 @@ class Sample:
             difficult=self.difficult[keep],
             truncated=self.truncated[keep],
             error=self.error,
+            issues=self.issues,
         )
 
 
@@ -167,6 +176,12 @@ class Dataset(Sequence[Sample]):
     def errors(self) -> list[tuple[str, str]]:
         """``(image_id, error)`` for every sample whose ground truth could not be read."""
         return [(s.image_id, s.error) for s in self._samples if s.error is not None]
+
+    @property
+    def box_issues(self) -> list[tuple[str, str]]:
+        """``(image_id, issue)`` for every suspicious ground-truth box (see
+        :attr:`Sample.issues`): inverted, or outside its image."""
+        return [(s.image_id, issue) for s in self._samples for issue in s.issues]
 
     def __repr__(self) -> str:
         extra = f", no_hard, {len(self.skipped)} skipped" if self.no_hard else ""
@@ -308,7 +323,7 @@ def _read_voc_sample(image_id: str, xml_path: Path, img_path: Path) -> Sample:
     except ValueError:
         width, height = _header_size(img_path)
 
-    boxes, classes, difficult, truncated = [], [], [], []
+    boxes, classes, difficult, truncated, issues = [], [], [], [], []
     try:
         # Direct <object> children only; each object's own <bndbox> (not its <part>s).
         for i, obj in enumerate(ann.findall("object")):
@@ -321,6 +336,9 @@ def _read_voc_sample(image_id: str, xml_path: Path, img_path: Path) -> Sample:
             )
             boxes.append((x0 - 1, y0 - 1, x1, y1))  # 1-based inclusive -> LOST convention
             classes.append((obj.findtext("name") or "").strip())
+            issue = _voc_box_issue((x0, y0, x1, y1), width, height)
+            if issue:
+                issues.append(f"{xml_path.name}: object {i} ({classes[-1] or '?'}) {issue}")
             difficult.append(_voc_flag(obj, "difficult"))
             truncated.append(_voc_flag(obj, "truncated"))
     except ValueError as exc:
@@ -335,7 +353,20 @@ def _read_voc_sample(image_id: str, xml_path: Path, img_path: Path) -> Sample:
         classes=tuple(classes),
         difficult=np.asarray(difficult, dtype=bool),
         truncated=np.asarray(truncated, dtype=bool),
+        issues=tuple(issues),
     )
+
+
+def _voc_box_issue(box: tuple[int, int, int, int], width: int | None, height: int | None) -> str:
+    """What is wrong with a VOC box (1-based, inclusive), or ``""``."""
+    x0, y0, x1, y1 = box
+    text = f"xmin {x0} ymin {y0} xmax {x1} ymax {y1}"
+    if x0 > x1 or y0 > y1:
+        return f"is inverted ({text})"
+    if x0 < 1 or y0 < 1 or (width and x1 > width) or (height and y1 > height):
+        size = f"the {width}x{height} image" if width and height else "the image"
+        return f"reaches outside {size} ({text})"
+    return ""
 
 
 # --------------------------------------------------------------------------- COCO

@@ -23,6 +23,10 @@ class ImageError(RegdiscoverError):
     """An image cannot be read or has an unusable shape."""
 
 
+class Interrupted(Exception):  # noqa: N818 - what the user did, not an error
+    """Ctrl-C stopped a run: the message says what was kept; the CLI exits with 130."""
+
+
 def first_line(error: BaseException) -> str:
     """The first line of an exception's message, or its type name when it has none.
 

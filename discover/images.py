@@ -10,10 +10,15 @@ Conventions:
 - Grayscale, palette and CMYK become RGB; 16-bit images are scaled to 8 bits
   (``v / 257``); arrays follow :func:`to_rgb_array`'s dtype rules.
 - Alpha is composited over white.
-- Images above ``max_pixels`` are refused (decompression-bomb guard) unless a
-  ``max_side`` is given, in which case JPEGs are decoded at a reduced scale
-  (``draft``) and everything is downscaled on read: the returned
-  :class:`LoadedImage` keeps the original upright size so boxes can be mapped back.
+- Decompression-bomb guard: no image is ever decoded above ``max_pixels`` (default
+  100 MP), with or without ``max_side``, and nothing above :data:`HARD_MAX_PIXELS` is
+  decoded at all. With a ``max_side``, a JPEG is decoded at 1/2, 1/4 or 1/8 scale
+  straight from its DCT (Pillow's ``draft``), so a huge JPEG passes when its reduced
+  size fits the guard; other formats (PNG, TIFF, WebP, BMP) have no reduced decoding in
+  Pillow and are decoded whole, so for them the guard is a hard cap whatever
+  ``max_side`` says. The size is checked on the header, before a pixel is decoded.
+  Everything is then downscaled to ``max_side``: the returned :class:`LoadedImage`
+  keeps the original upright size so boxes can be mapped back.
 """
 
 from __future__ import annotations
@@ -34,7 +39,11 @@ SUPPORTED_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp
 DEFAULT_MAX_PIXELS = 100_000_000
 """Default decompression-bomb guard: 100 megapixels (e.g. 10000 x 10000)."""
 HARD_MAX_PIXELS = 1_500_000_000
-"""Refused even with ``max_side``: decoding would need several GB."""
+"""Refused whatever the options: even decoded at 1/8 scale, a JPEG this large takes
+seconds of entropy decoding (its header could also lie about a tiny file)."""
+REDUCED_DECODING = {"JPEG": 8}
+"""Formats Pillow decodes at a reduced scale (``Image.draft``), and the largest factor
+per side. Pillow has no reduced decoding for PNG, TIFF, WebP or BMP."""
 
 _ORIENTATION_SWAPS = {5, 6, 7, 8}
 
@@ -150,26 +159,55 @@ def _decode(fileobj, *, max_side: int | None, max_pixels: int) -> LoadedImage:
     w, h = img.size
     if w < 1 or h < 1:
         raise ImageError(f"invalid image size {w}x{h}")
-    pixels = w * h
-    if pixels > HARD_MAX_PIXELS or (max_side is None and pixels > max_pixels):
-        hint = "" if max_side is not None else "; pass --max-size to downscale it"
-        raise ImageError(
-            f"too large: {w}x{h} = {pixels / 1e6:.0f} MP exceeds the "
-            f"{(max_pixels if max_side is None else HARD_MAX_PIXELS) / 1e6:.0f} MP "
-            f"decompression-bomb guard{hint}"
-        )
+    # Before anything else reads the file: Pillow's PNG getexif() decodes the image.
+    _check_size(img, max_side=max_side, max_pixels=max_pixels)
     orientation = _orientation(img)
     original = (h, w) if orientation in _ORIENTATION_SWAPS else (w, h)
-    if max_side is not None and max(w, h) > max_side and img.format == "JPEG":
-        # Decode at 1/2, 1/4 or 1/8 scale straight from the DCT: fast and small.
-        scale = max_side / max(w, h)
-        img.draft("RGB", (max(1, int(w * scale)), max(1, int(h * scale))))
     img.load()
     img = ImageOps.exif_transpose(img)
     arr = _pil_to_rgb(img)
     if max_side is not None and max(arr.shape[:2]) > max_side:
         arr = resize_longer_side(arr, max_side)
     return LoadedImage(arr, (int(original[0]), int(original[1])))
+
+
+def _check_size(img: Image.Image, *, max_side: int | None, max_pixels: int) -> None:
+    """Refuse, from the header alone, an image whose decoding would exceed the guard.
+
+    With ``max_side`` a JPEG is set to decode at a reduced scale first (``draft``,
+    which changes ``img.size`` to the size that will be decoded). The refusal says what
+    would help, and only what would.
+    """
+    w, h = img.size
+    fmt = img.format or "this format"
+    factor = REDUCED_DECODING.get(img.format or "", 1)
+    mp = f"{w}x{h} = {w * h / 1e6:.0f} MP"
+    if w * h > HARD_MAX_PIXELS:
+        raise ImageError(
+            f"too large: {mp} exceeds the {HARD_MAX_PIXELS / 1e6:.0f} MP limit of any read "
+            "(decompression-bomb guard)"
+        )
+    if max_side is not None and factor > 1 and max(w, h) > max_side:
+        # Decode at 1/2, 1/4 or 1/8 scale straight from the DCT: fast and small.
+        scale = max_side / max(w, h)
+        img.draft("RGB", (max(1, int(w * scale)), max(1, int(h * scale))))
+    dw, dh = img.size
+    if dw * dh <= max_pixels:
+        return
+    smallest = -(-w // factor) * -(-h // factor)  # decoded at the largest reduction
+    guard = f"exceeds the {max_pixels / 1e6:.0f} MP decompression-bomb guard"
+    if factor == 1:
+        msg = f"{mp} {guard} ({fmt} has no reduced decoding: --max-size does not help)"
+    elif smallest > max_pixels:
+        msg = f"{mp} {guard}, even decoded at 1/{factor} scale"
+    elif max_side is None:
+        msg = f"{mp} {guard}; pass --max-size to downscale it"
+    else:
+        msg = (
+            f"{mp}, decoded at {dw}x{dh} for this --max-size, {guard}; a smaller "
+            "--max-size decodes it at a smaller scale"
+        )
+    raise ImageError(f"too large: {msg}")
 
 
 def resize_longer_side(arr: np.ndarray, max_side: int) -> np.ndarray:

@@ -129,6 +129,7 @@ class Writer:
         self.count = 0
         self.corrupt = 0
         self.previous_settings: dict[str, Any] | None = None
+        """The sidecar of the output resumed (``None`` when there is none)."""
         self._opened = False
         self._f: Any = None
         self.check_target()
@@ -140,6 +141,13 @@ class Writer:
             self.done = set(contents.entries)
             self.corrupt = contents.corrupt
             self.previous_settings = read_settings(self.path, self.fmt)
+
+    @property
+    def base_cwd(self) -> str:
+        """The folder the output's relative image names start from: the working directory
+        of the run that began it (recorded in its sidecar), else the current one."""
+        cwd = (self.previous_settings or {}).get("cwd")
+        return cwd if isinstance(cwd, str) and cwd else os.getcwd()
 
     # -- the target ----------------------------------------------------------------------
     def exists(self) -> bool:
@@ -158,7 +166,7 @@ class Writer:
             self._open()
             self._opened = True
             if self.settings is not None:
-                write_settings(self.path, self.fmt, self.settings)
+                write_settings(self.path, self.fmt, self.settings, cwd=self.base_cwd)
         self._write(record)
         self.done.add(record["image"])
         self.count += 1
@@ -664,7 +672,7 @@ def merge(out: Path, fmt: str, parts: Sequence[Path], required: Iterable[str] = 
     out = Path(out)
     entries: dict[str, Any] = {}
     extra: dict[str, Any] = {}
-    settings = None
+    sidecar = None
     for src in [out, *parts]:
         try:
             contents = cls.read(src)
@@ -675,14 +683,14 @@ def merge(out: Path, fmt: str, parts: Sequence[Path], required: Iterable[str] = 
         for k, v in contents.extra.items():
             if v is not None:
                 extra.setdefault(k, v)
-        settings = settings or read_settings(src, fmt)
+        sidecar = sidecar or read_settings(src, fmt)
     missing = [name for name in required if name not in entries]
     if missing:
         raise MissingImages(missing)
     ordered = [(name, entries[name]) for name in sorted(entries)]
     cls.write_merged(out, ordered, extra)
-    if settings is not None:
-        write_settings(out, fmt, settings)
+    if sidecar is not None:
+        write_settings(out, fmt, sidecar.get("settings"), cwd=sidecar.get("cwd"))
     for p in parts:
         remove_output(p, fmt)
     return len(ordered)
@@ -695,14 +703,18 @@ def settings_path(path: str | os.PathLike[str], fmt: str) -> Path:
     return p / "settings.json" if fmt == "voc" else p.with_name(p.name + ".settings.json")
 
 
-def write_settings(path: Path, fmt: str, settings: dict[str, Any]) -> None:
+def write_settings(
+    path: Path, fmt: str, settings: dict[str, Any] | None, *, cwd: str | None = None
+) -> None:
+    """Write the sidecar of an output: the run's ``settings`` and ``cwd``, the folder its
+    relative image names start from (default: the current working directory)."""
     from discover.version import __version__
 
     data = {
         "format": SETTINGS_FORMAT,
         "regdiscover": __version__,
         "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "cwd": os.getcwd(),
+        "cwd": cwd or os.getcwd(),
         "settings": settings,
     }
     atomic_write(settings_path(path, fmt), json.dumps(data, indent=1) + "\n")
@@ -757,6 +769,19 @@ def unique_stem(name: str, used: dict[str, str]) -> str:
 def _voc_coords(box: list[float]) -> list[int]:
     x0, y0, x1, y1 = box
     return [int(round(x0)) + 1, int(round(y0)) + 1, int(round(x1)), int(round(y1))]
+
+
+def check_folder_target(path: str | os.PathLike[str]) -> None:
+    """Raise when a folder could not be created at ``path`` or written in (touches nothing).
+
+    Raises:
+        OutputError: ``path`` is a file.
+        OSError: no permission, or a file where a parent folder should be.
+    """
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise OutputError(f"{p} is a file, not a folder")
+    _check_writable(p / "probe")
 
 
 def _check_writable(path: Path) -> None:

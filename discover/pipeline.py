@@ -34,9 +34,9 @@ from discover.models import DEFAULT_MODEL, spec_for
 from discover.objects import discover_objects
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class Detection:
-    """One discovered object."""
+    """One discovered object (its repr is one short line: box, score, seed, mask shape)."""
 
     box: tuple[float, float, float, float]
     """``(x0, y0, x1, y1)`` in original-image pixels; x0/y0 inclusive, x1/y1 exclusive."""
@@ -48,6 +48,14 @@ class Detection:
     """bool ``[h, w]`` at patch resolution (CPU)."""
     patch_box: tuple[int, int, int, int]
     """The box in patch units, end exclusive."""
+
+    def __repr__(self) -> str:
+        box = ", ".join(f"{float(v):g}" for v in self.box)
+        shape = "x".join(str(int(v)) for v in self.mask.shape)
+        return (
+            f"Detection(box=({box}), score={float(self.score):.4g}, seed={tuple(self.seed)}, "
+            f"mask={shape} with {int(self.mask.sum())} patches)"
+        )
 
 
 @dataclass(eq=False)
@@ -63,7 +71,7 @@ class ImageResult:
     patch_size: int | None = None
     scale: tuple[float, float] = (1.0, 1.0)
     """Original pixels per network-input pixel, ``(sx, sy)``."""
-    extras: dict[str, Any] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def ok(self) -> bool:

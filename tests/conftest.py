@@ -80,6 +80,64 @@ def write_huge_png(path: Path, width: int = 20000, height: int = 20000) -> Path:
     return path
 
 
+def write_lying_png(path: Path, width: int = 37000, height: int = 37000) -> Path:
+    """A 100-byte PNG whose header claims ``width x height`` RGB pixels (4 GB decoded at
+    37000^2) but holds one empty row of data: a decompression bomb's header. Only a
+    decoder that trusts the header allocates anything; the guard must refuse it first."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 16))
+        + _png_chunk(b"IEND", b"")
+    )
+    return path
+
+
+@pytest.fixture
+def no_big_decode(monkeypatch) -> Iterator[list[tuple[int, int]]]:
+    """Make any decode above 100 MP fail at once (AssertionError, before Pillow allocates
+    its buffer), so a test of the bomb guard is bounded in memory and time by design:
+    code that would decode a bomb fails the test instead of swapping. Yields the sizes
+    refused, for the test to check that nothing got that far."""
+    from PIL import ImageFile
+
+    from discover.images import DEFAULT_MAX_PIXELS
+
+    real_load = ImageFile.ImageFile.load
+    refused: list[tuple[int, int]] = []
+
+    def guarded_load(self):
+        w, h = self.size
+        if w * h > DEFAULT_MAX_PIXELS:
+            refused.append((w, h))
+            raise AssertionError(f"decoding {w}x{h} pixels: the bomb guard let it through")
+        return real_load(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", guarded_load)
+    yield refused
+
+
+# -- tolerances -------------------------------------------------------------------------
+# A float32 result depends on the order of its sums, which differs between CPUs (SIMD
+# width, blocking of the matmul kernels) and between batch sizes. A tolerance measured on
+# one machine therefore fails on another. Each comparison in the tests is either made in
+# float64 (where reordering moves results by ~1e-13, far below what a bug moves) or given
+# a bound derived from the arithmetic, with Higham's gamma below.
+U32 = torch.finfo(torch.float32).eps / 2
+"""The unit roundoff of float32 (2**-24): the relative error of one rounding."""
+
+
+def gamma(n: int, dtype: torch.dtype = torch.float32) -> float:
+    """Higham's ``gamma_n = n u / (1 - n u)``: the relative error bound of a sum of
+    ``n + 1`` terms or a dot product of length ``n``, in ANY order of summation (recursive,
+    pairwise, blocked or SIMD), relative to the sum of the terms' absolute values (Higham,
+    Accuracy and Stability of Numerical Algorithms, 2nd ed., sections 3.1 and 4.2)."""
+    u = torch.finfo(dtype).eps / 2
+    return n * u / (1 - n * u)
+
+
 @pytest.fixture(scope="session")
 def vit_and_checkpoint(tmp_path_factory) -> tuple[torch.nn.Module, str]:
     """A random-init ``vit_small_patch14_reg4_dinov2`` and its weights saved to a file."""

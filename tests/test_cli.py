@@ -262,6 +262,8 @@ def test_boxes_max_size_on_a_huge_image(tmp_path, run_cli, fast_models, checkpoi
     assert code == 0, err
     huge, small = read_jsonl(out)
     assert huge["error"] is None and (huge["width"], huge["height"]) == (20000, 20000)
+    # not a rounding tolerance: at 140 px one 14-px patch is 2000 px of the original, and
+    # LOST's box is made of whole patches
     assert huge["boxes"][0] == pytest.approx([8000, 6000, 14000, 12000], abs=2001)
     assert small["boxes"] == [[84, 56, 196, 168]]  # in original pixels
 
@@ -381,7 +383,7 @@ def test_bad_option_values_are_one_line_errors(tmp_path, run_cli, fast_models, c
         ("--features", "nope", "features"),
         ("--k-patches", "0", "k_patches"),
         ("--gram-bias", "lots", "--gram-bias"),
-        ("--batch-size", "0", "batch_size"),
+        ("--batch-size", "0", "--batch-size"),
         ("--precision", "fp8", "precision"),
     ]:
         code, _, err = run_cli(*base, "--checkpoint", checkpoint, opt, value)

@@ -300,3 +300,49 @@ def test_real_coco20k_list() -> None:
     assert names[0] == "train2014/COCO_train2014_000000560992.jpg"
     assert ids[0] == 560992
     assert ids[-1] == 60554
+
+
+def _voc_with_objects(root: Path, size: tuple[int, int], boxes: list[tuple[str, ...]]) -> Path:
+    """A one-image VOC2007 tree whose XML holds ``boxes`` (xmin, ymin, xmax, ymax text)."""
+    voc = root / "VOC2007"
+    for sub in ("Annotations", "ImageSets/Main", "JPEGImages"):
+        (voc / sub).mkdir(parents=True, exist_ok=True)
+    objects = "".join(
+        f"<object><name>o{i}</name><bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}</ymin>"
+        f"<xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>"
+        for i, b in enumerate(boxes)
+    )
+    (voc / "Annotations" / "000001.xml").write_text(
+        f"<annotation><size><width>{size[0]}</width><height>{size[1]}</height></size>"
+        f"{objects}</annotation>"
+    )
+    (voc / "ImageSets" / "Main" / "trainval.txt").write_text("000001\n")
+    return voc
+
+
+def test_voc_boxes_inverted_or_outside_the_image_are_kept_and_flagged(tmp_path: Path) -> None:
+    voc = _voc_with_objects(
+        tmp_path,
+        (100, 80),
+        [
+            ("1", "1", "100", "80"),  # the whole image: fine
+            ("60", "10", "40", "30"),  # xmin > xmax
+            ("10", "50", "20", "40"),  # ymin > ymax
+            ("0", "5", "20", "30"),  # xmin 0: VOC is 1-based
+            ("50", "5", "101", "30"),  # beyond the width
+            ("5", "5", "20", "81"),  # beyond the height
+        ],
+    )
+    ds = load_dataset("voc07", voc)
+    [sample] = list(ds)
+    assert sample.error is None and len(sample.boxes) == 6  # kept, as LOST keeps them
+    assert sample.boxes[1].tolist() == [59, 9, 40, 30]  # converted as usual
+    issues = ds.box_issues
+    assert [image_id for image_id, _ in issues] == ["000001"] * 5
+    texts = [text for _, text in issues]
+    assert texts[0] == "000001.xml: object 1 (o1) is inverted (xmin 60 ymin 10 xmax 40 ymax 30)"
+    assert "object 2 (o2) is inverted" in texts[1]
+    for text, i in zip(texts[2:], (3, 4, 5), strict=True):
+        assert f"object {i} (o{i}) reaches outside the 100x80 image" in text
+    assert sample.without_hard().issues == sample.issues
+    assert load_dataset("voc07", _voc_with_objects(tmp_path / "ok", (9, 9), [])).box_issues == []

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import save, scene, write_huge_png
+from conftest import save, scene, write_huge_png, write_lying_png
 from PIL import Image
 
 from discover.errors import ImageError
 from discover.images import (
     DEFAULT_MAX_PIXELS,
+    HARD_MAX_PIXELS,
     LoadedImage,
     is_image_file,
     read_image,
@@ -143,27 +144,67 @@ def test_max_side_downscales_and_keeps_the_original_size(tmp_path):
     assert li.original_size == (200, 300) and li.size == (40, 60)
 
 
-def test_huge_image_is_refused_with_a_clear_message(tmp_path):
+def test_huge_png_is_refused_and_max_size_is_not_offered(tmp_path, no_big_decode):
     path = write_huge_png(tmp_path / "huge.png")
     assert path.stat().st_size < 200_000
-    with pytest.raises(ImageError, match=r"too large: 20000x20000 = 400 MP.*--max-size"):
-        read_image(path)
+    # A PNG is decoded whole whatever --max-size says: the message must not advise it.
+    for max_side in (None, 448):
+        with pytest.raises(ImageError) as e:
+            read_image(path, max_side=max_side)
+        msg = str(e.value)
+        assert msg.startswith("too large: 20000x20000 = 400 MP exceeds the 100 MP"), msg
+        assert "PNG has no reduced decoding: --max-size does not help" in msg
+        assert "pass --max-size" not in msg
+    assert no_big_decode == []  # refused from the header, nothing decoded
     # the guard is a parameter
     small = save(tmp_path / "s.png", scene(100, 100, (0, 0, 1, 1)))
     assert 100 * 100 < DEFAULT_MAX_PIXELS
     with pytest.raises(ImageError, match="too large"):
         read_image(small, max_pixels=5000)
+    with pytest.raises(ImageError, match="too large"):
+        read_image(small, max_pixels=5000, max_side=50)  # max_side lifts no guard
 
 
-def test_huge_jpeg_is_read_small_with_max_side(huge_jpeg):
+def test_a_png_bomb_under_max_size_is_refused_from_its_header(tmp_path, no_big_decode):
+    """The issue's bomb: a tiny PNG whose header says 37000x37000 used to be decoded at
+    full size (14 GB) as soon as --max-size was given. ``no_big_decode`` turns such a
+    decode into an immediate failure, so this test never allocates the bomb."""
+    bomb = write_lying_png(tmp_path / "bomb.png", 37000, 37000)
+    assert bomb.stat().st_size < 200 and 37000 * 37000 < HARD_MAX_PIXELS
+    for max_side in (448, 1024, None):
+        with pytest.raises(ImageError, match=r"too large: 37000x37000 = 1369 MP exceeds"):
+            read_image(bomb, max_side=max_side)
+    assert no_big_decode == []
+    # above the hard limit nothing helps, JPEG or not
+    over = write_lying_png(tmp_path / "over.png", 40000, 40000)
+    with pytest.raises(ImageError, match="1500 MP limit of any read"):
+        read_image(over, max_side=448)
+
+
+def test_huge_jpeg_is_read_small_with_max_side(huge_jpeg, no_big_decode):
     li = read_image(huge_jpeg, max_side=280)
     assert li.original_size == (20000, 20000)
     assert li.size == (280, 280)
     # the dark square (rows 6000:12000, cols 8000:14000) lands where it should
     small = li.array[:, :, 0].astype(int)
     assert small[126, 154] < 40 and small[40, 40] > 100
-    with pytest.raises(ImageError, match="too large"):
+    assert no_big_decode == []  # decoded at 1/8 scale (2500x2500), never at 400 MP
+
+
+def test_huge_jpeg_messages_say_what_helps(huge_jpeg, no_big_decode):
+    # without --max-size: 400 MP, and 1/8 scale (6.25 MP) would fit: advise it
+    with pytest.raises(ImageError, match=r"400 MP exceeds .*; pass --max-size to downscale"):
         read_image(huge_jpeg)
+    # a --max-size too large for any reduction: 20000 px asked, decoded whole
+    with pytest.raises(ImageError) as e:
+        read_image(huge_jpeg, max_side=15000)
+    assert "decoded at 20000x20000 for this --max-size" in str(e.value)
+    assert "a smaller --max-size" in str(e.value)
+    # a guard that even 1/8 scale exceeds: no advice that would not help
+    with pytest.raises(ImageError) as e:
+        read_image(huge_jpeg, max_side=280, max_pixels=1_000_000)
+    assert str(e.value).endswith("even decoded at 1/8 scale") and "pass" not in str(e.value)
+    assert no_big_decode == []
 
 
 def test_resize_longer_side():

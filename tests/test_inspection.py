@@ -139,7 +139,9 @@ def test_planted_outlier_shows_up_in_csv(tmp_path, backbones):
     assert 0.0 <= by["reg4"]["outlier_attention"] <= 1.0
     # The attention share reported for the outlier is that patch's renormalised attention.
     share = float(d.attention.patches_no_registers[:, r, c].mean())
-    assert by["reg4"]["outlier_attention"] == pytest.approx(share, rel=1e-4, abs=1e-9)
+    # The same float32 arithmetic on the same pixels on both sides; the row keeps 6
+    # significant digits (5e-6 relative).
+    assert by["reg4"]["outlier_attention"] == pytest.approx(share, rel=1e-5, abs=1e-12)
 
 
 def test_fixed_threshold_and_lost_params_are_passed_through(tmp_path, backbones):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import stat
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -12,10 +14,14 @@ import torch
 from discover.outputs import (
     CSV_FIELDS,
     FORMATS,
+    atomic_write,
+    merge,
     open_writer,
     read_jsonl,
     read_jsonl_done,
+    read_settings,
     result_record,
+    settings_path,
     unique_stem,
 )
 from discover.pipeline import Detection, ImageResult
@@ -329,3 +335,90 @@ def test_unique_stem():
     used["a.tif"] = "other"
     assert unique_stem("a.tif", used) == "a.tif-2"
     assert unique_stem("c.d/.jpg", {}) == "c.d__"
+
+
+# ----------------------------------------------------------------------------- modes
+
+
+def _written_files(out, fmt):
+    files = sorted(out.iterdir()) if fmt == "voc" else [out, settings_path(out, fmt)]
+    assert settings_path(out, fmt) in files and len(files) >= 2
+    return files
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600)])
+def test_new_outputs_get_the_usual_mode_under_the_umask(tmp_path, fmt, umask, mode):
+    """COCO and VOC (written through a temporary file) used to get 0600 whatever the
+    umask, JSONL and CSV 0644: every file, the settings sidecar too, is 0666 - umask."""
+    out = tmp_path / ("voc" if fmt == "voc" else f"out.{fmt}")
+    saved = os.umask(umask)
+    try:
+        with open_writer(out, fmt, settings={"model": "m"}) as w:
+            for r in RECORDS:
+                w.write(r)
+    finally:
+        os.umask(saved)
+    for f in _written_files(out, fmt):
+        assert stat.S_IMODE(f.stat().st_mode) == mode, (f.name, oct(f.stat().st_mode))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_replaced_output_keeps_its_mode(tmp_path, fmt):
+    out = tmp_path / ("voc" if fmt == "voc" else f"out.{fmt}")
+    with open_writer(out, fmt, settings={"model": "m"}) as w:
+        w.write(RECORDS[0])
+    before = _written_files(out, fmt)
+    for f in before:
+        f.chmod(0o640)
+    saved = os.umask(0o022)
+    try:
+        with open_writer(out, fmt, settings={"model": "m"}) as w:
+            for r in RECORDS:
+                w.write(r)
+    finally:
+        os.umask(saved)
+    for f in _written_files(out, fmt):
+        # replaced files keep their mode; new ones (VOC's index is started anew) do not
+        expected = 0o640 if f in before and f.name != "index.jsonl" else 0o644
+        assert stat.S_IMODE(f.stat().st_mode) == expected, (f.name, oct(f.stat().st_mode))
+
+
+def test_atomic_write_modes(tmp_path):
+    target = tmp_path / "f.json"
+    saved = os.umask(0o027)
+    try:
+        atomic_write(target, "{}")
+        assert stat.S_IMODE(target.stat().st_mode) == 0o640
+        target.chmod(0o604)
+        atomic_write(target, "[]")  # replaced: the old mode is kept
+        assert stat.S_IMODE(target.stat().st_mode) == 0o604 and target.read_text() == "[]"
+    finally:
+        os.umask(saved)
+    assert not list(tmp_path.glob(".*.tmp"))  # no temporary file left
+
+
+# ----------------------------------------------------------------------------- merging
+
+
+def test_merge_keeps_the_settings_and_where_names_start(tmp_path, monkeypatch):
+    """A merge used to nest the whole sidecar inside ``settings`` (so a --resume after a
+    torchrun merge saw other settings) and to record the merging process's directory."""
+    first, later = tmp_path / "first", tmp_path / "later"
+    first.mkdir()
+    later.mkdir()
+    out = tmp_path / "r.jsonl"
+    parts = [tmp_path / f"r.jsonl.part{i}-of-2" for i in range(2)]
+    monkeypatch.chdir(first)
+    for part, records in zip(parts, (RECORDS[:2], RECORDS[2:]), strict=True):
+        with open_writer(part, "jsonl", settings={"model": "m", "k": 1}) as w:
+            for r in records:
+                w.write(r)
+    monkeypatch.chdir(later)
+    assert merge(out, "jsonl", parts) == len(RECORDS)
+    sidecar = read_settings(out, "jsonl")
+    assert sidecar["settings"] == {"model": "m", "k": 1}
+    assert sidecar["cwd"] == str(first)
+    resumed = open_writer(out, "jsonl", resume=True)
+    assert resumed.previous_settings["settings"] == {"model": "m", "k": 1}
+    assert resumed.base_cwd == str(first)

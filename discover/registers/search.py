@@ -206,6 +206,7 @@ class _Runner:
         self.model = model
         self.depth = len(model.blocks)
         self.device = model_device(model)
+        self.dtype = next(model.parameters()).dtype  # bf16 once converted, or float64
         self._was_training = model.training
         self.arrays: list[np.ndarray] | None = None
         if isinstance(images, torch.Tensor):
@@ -232,10 +233,10 @@ class _Runner:
     def _inputs(self) -> Iterable[torch.Tensor]:
         if self.tensor is not None:
             for s in range(0, self.tensor.shape[0], self.batch_size):
-                yield self.tensor[s : s + self.batch_size].to(self.device, torch.float32)
+                yield self.tensor[s : s + self.batch_size].to(self.device, self.dtype)
         else:
             for a in self.arrays or []:
-                yield self.backbone.to_tensor([a])
+                yield self.backbone.to_tensor([a]).to(self.dtype)
 
     @torch.inference_mode()
     def block_norms(self) -> list[torch.Tensor]:
