@@ -129,6 +129,8 @@ class Writer:
         self.count = 0
         self.corrupt = 0
         self.previous_settings: dict[str, Any] | None = None
+        self.sidecar_extra: dict[str, Any] = {}
+        """More sidecar fields, written beside ``settings`` (see :func:`write_settings`)."""
         self._opened = False
         self._f: Any = None
         self.check_target()
@@ -158,7 +160,7 @@ class Writer:
             self._open()
             self._opened = True
             if self.settings is not None:
-                write_settings(self.path, self.fmt, self.settings)
+                write_settings(self.path, self.fmt, self.settings, self.sidecar_extra)
         self._write(record)
         self.done.add(record["image"])
         self.count += 1
@@ -681,8 +683,8 @@ def merge(out: Path, fmt: str, parts: Sequence[Path], required: Iterable[str] = 
         raise MissingImages(missing)
     ordered = [(name, entries[name]) for name in sorted(entries)]
     cls.write_merged(out, ordered, extra)
-    if settings is not None:
-        write_settings(out, fmt, settings)
+    if settings is not None:  # as it was written (the run's cwd and time, not the merge's)
+        atomic_write(settings_path(out, fmt), json.dumps(settings, indent=1) + "\n")
     for p in parts:
         remove_output(p, fmt)
     return len(ordered)
@@ -695,7 +697,12 @@ def settings_path(path: str | os.PathLike[str], fmt: str) -> Path:
     return p / "settings.json" if fmt == "voc" else p.with_name(p.name + ".settings.json")
 
 
-def write_settings(path: Path, fmt: str, settings: dict[str, Any]) -> None:
+def write_settings(
+    path: Path, fmt: str, settings: dict[str, Any], extra: dict[str, Any] | None = None
+) -> None:
+    """Write the sidecar: the run's ``settings`` (compared on ``--resume``), the package
+    version, the time, the working directory the image names are relative to (``cwd``),
+    and ``extra`` facts about the run that are no settings (``viz``: the ``--viz`` folder)."""
     from discover.version import __version__
 
     data = {
@@ -703,6 +710,7 @@ def write_settings(path: Path, fmt: str, settings: dict[str, Any]) -> None:
         "regdiscover": __version__,
         "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "cwd": os.getcwd(),
+        **(extra or {}),
         "settings": settings,
     }
     atomic_write(settings_path(path, fmt), json.dumps(data, indent=1) + "\n")

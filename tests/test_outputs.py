@@ -12,9 +12,11 @@ import torch
 from discover.outputs import (
     CSV_FIELDS,
     FORMATS,
+    merge,
     open_writer,
     read_jsonl,
     read_jsonl_done,
+    read_settings,
     result_record,
     unique_stem,
 )
@@ -329,3 +331,21 @@ def test_unique_stem():
     used["a.tif"] = "other"
     assert unique_stem("a.tif", used) == "a.tif-2"
     assert unique_stem("c.d/.jpg", {}) == "c.d__"
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_merge_keeps_the_sidecar_as_written(tmp_path, monkeypatch, fmt):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    monkeypatch.chdir(run_dir)
+    part = tmp_path / f"r.{fmt}.part0-of-2"
+    with open_writer(part, fmt, settings={"model": "m", "method": "lost"}) as w:
+        w.sidecar_extra = {"viz": "/some/viz"}
+        w.write(RECORDS[0])
+    written = read_settings(part, fmt)
+    monkeypatch.chdir(tmp_path)  # the merge runs elsewhere
+    merge(tmp_path / f"r.{fmt}", fmt, [part])
+    merged = read_settings(tmp_path / f"r.{fmt}", fmt)
+    assert merged == written  # not nested inside a second sidecar
+    assert merged["settings"] == {"model": "m", "method": "lost"}
+    assert merged["cwd"] == str(run_dir) and merged["viz"] == "/some/viz"
