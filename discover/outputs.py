@@ -636,7 +636,7 @@ def guess_format(path: str | os.PathLike[str]) -> str:
     if p.is_dir():
         return "voc"
     ext = p.suffix.lower().lstrip(".")
-    if ext in ("jsonl", "csv"):
+    if ext in ("jsonl", "csv", "coco"):  # results.coco: what --format coco writes by default
         return ext
     if ext == "json":
         return "coco"

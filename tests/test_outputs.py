@@ -12,10 +12,12 @@ import torch
 from discover.outputs import (
     CSV_FIELDS,
     FORMATS,
+    OutputError,
     merge,
     open_writer,
     read_jsonl,
     read_jsonl_done,
+    read_records,
     read_settings,
     result_record,
     unique_stem,
@@ -349,3 +351,12 @@ def test_merge_keeps_the_sidecar_as_written(tmp_path, monkeypatch, fmt):
     assert merged == written  # not nested inside a second sidecar
     assert merged["settings"] == {"model": "m", "method": "lost"}
     assert merged["cwd"] == str(run_dir) and merged["viz"] == "/some/viz"
+
+
+def test_read_records_guesses_every_default_output_name(tmp_path):
+    for fmt in FORMATS:  # the names discover boxes writes without --out
+        out = tmp_path / ("results" if fmt == "voc" else f"results.{fmt}")
+        write_all(out, fmt, RECORDS)
+        assert [r["image"] for r in read_records(out)] == [r["image"] for r in RECORDS], fmt
+    with pytest.raises(OutputError, match="use --format"):
+        read_records(tmp_path / "results.txt")
