@@ -194,6 +194,8 @@ class BoxesSummary:
     is_main: bool = True
     results: list[dict[str, Any]] = field(default_factory=list)
     """The records of this run when it boxed a single image (for the CLI to print)."""
+    report: Any = None
+    """The :class:`~discover.report.ReportSummary` when a report was asked for."""
 
     @property
     def rate(self) -> float:
@@ -209,6 +211,7 @@ def box_images(
     resume: bool = False,
     allow_settings_change: bool = False,
     viz: str | os.PathLike[str] | None = None,
+    report: str | os.PathLike[str] | None = None,
     events: Events | None = None,
     discoverer: Any = None,
     **options: Any,
@@ -223,6 +226,8 @@ def box_images(
             append; refused when the output was written with other settings unless
             ``allow_settings_change``.
         viz: write one PNG per image with its boxes into this folder.
+        report: write the HTML report of the whole output into this folder at the end
+            (:func:`discover.report.write_report`; not after an interruption).
         events: progress callbacks.
         discoverer: an already built Discoverer (then the model options are ignored).
         **options: Discoverer options (``None`` = default), ``method_params`` and
@@ -260,6 +265,10 @@ def box_images(
             viz_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UsageError(f"cannot create the --viz folder {viz_dir}: {_reason(e)}") from None
+    if report is not None:
+        from discover.report import check_report_dir
+
+        check_report_dir(report)
     dist = DistContext.from_env(options.get("device") or "cpu")
     part = dist.part_path(out_path)
     try:  # checks the target now; creates or truncates nothing before the first record
@@ -272,6 +281,8 @@ def box_images(
         discoverer.keep_images = discoverer.keep_images or viz_dir is not None
     settings = discoverer.settings()
     writer.settings = settings
+    if viz_dir is not None:  # for the report: which picture belongs to which image
+        writer.sidecar_extra["viz"] = str(viz_dir.resolve())
     done_elsewhere = dist.prepare_output(out_path, fmt, resume=resume)
     summary = BoxesSummary(output=out_path if dist.is_main else part, is_main=dist.is_main)
     with writer:
@@ -314,7 +325,15 @@ def box_images(
             summary.interrupted = True
         summary.elapsed = time.perf_counter() - t0
     dist.merge_outputs(out_path, fmt)
+    if report is not None and dist.is_main and not summary.interrupted:
+        from discover.report import write_report
+
+        summary.report = write_report(out_path, fmt=fmt, out=report, events=events)
     return summary
+
+
+VIZ_INDEX = "index.jsonl"
+"""In a ``--viz`` folder: one ``{"image": name, "png": file}`` line per picture drawn."""
 
 
 def _save_viz(folder: Path, name: str, res: Any, stems: dict[str, str]) -> None:
@@ -322,6 +341,8 @@ def _save_viz(folder: Path, name: str, res: Any, stems: dict[str, str]) -> None:
 
     stem = unique_stem(name, stems)  # a.jpg and a.png must not share a.png
     save_png(folder / f"{stem}.png", draw_result(res.extras["image"], res))
+    with open(folder / VIZ_INDEX, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"image": name, "png": f"{stem}.png"}) + "\n")
 
 
 def _resolved(name: str, base: str) -> str:
