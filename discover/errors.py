@@ -23,6 +23,12 @@ class ImageError(RegdiscoverError):
     """An image cannot be read or has an unusable shape."""
 
 
+class UsageError(RegdiscoverError):
+    """A bad option, path or combination: reported as one line, before any work.
+
+    (Also :class:`discover.runs.UsageError`, where the runs raise it.)"""
+
+
 def first_line(error: BaseException) -> str:
     """The first line of an exception's message, or its type name when it has none.
 

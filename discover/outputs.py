@@ -55,6 +55,8 @@ CSV_FIELDS = [
     "error",
 ]
 SETTINGS_FORMAT = "regdiscover.settings/1"
+VIZ_INDEX = "index.jsonl"
+"""In a ``--viz`` folder: one ``{"image": name, "png": file}`` line per picture drawn."""
 _COCO_CATEGORIES = [{"id": 1, "name": "object", "supercategory": "object"}]
 
 

@@ -36,10 +36,12 @@ from urllib.parse import quote
 
 import numpy as np
 
-from discover.errors import RegdiscoverError, first_line
+from discover.errors import RegdiscoverError, UsageError, first_line
+from discover.events import Events
 from discover.outputs import (
     FORMATS,
     SETTINGS_FORMAT,
+    VIZ_INDEX,
     OutputError,
     atomic_write,
     guess_format,
@@ -48,7 +50,6 @@ from discover.outputs import (
     settings_path,
     writer_class,
 )
-from discover.runs import VIZ_INDEX, Events, UsageError
 
 __all__ = ["ReportSummary", "check_report_dir", "default_report_dir", "write_report"]
 
@@ -328,7 +329,7 @@ def write_report(
             directory the run recorded, else the current one).
         thumb_side: longer side of the thumbnails, in pixels.
         workers: threads reading and drawing images (default: up to 4).
-        events: progress callbacks (one :meth:`~discover.runs.Events.advance` per image).
+        events: progress callbacks (one :meth:`~discover.events.Events.advance` per image).
 
     Raises:
         UsageError: a missing or unreadable output, a bad format, a report folder that

@@ -22,13 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from discover.errors import RegdiscoverError, first_line
+from discover.errors import RegdiscoverError, UsageError, first_line
+from discover.events import Events
 from discover.images import iter_image_paths
 from discover.methods import get_method
 from discover.methods.base import default_method
 from discover.models import DEFAULT_MODEL, spec_for
 from discover.outputs import (
     FORMATS,
+    VIZ_INDEX,
     OutputError,
     open_writer,
     result_record,
@@ -51,26 +53,6 @@ BOX_DEFAULTS: dict[str, Any] = {}
 """Defaults of ``discover boxes`` that differ from the Discoverer's (none yet)."""
 EVAL_DEFAULTS: dict[str, Any] = {"max_size": None}
 """``discover eval`` keeps the benchmark protocol: images at their native size."""
-
-
-class UsageError(RegdiscoverError):
-    """A bad option, path or combination: reported as one line, before any work."""
-
-
-class Events:
-    """Progress of a run; the default does nothing. Override what you show."""
-
-    def start(self, total: int, description: str) -> None:
-        """``total`` images are about to be processed."""
-
-    def advance(self, status: str) -> None:
-        """One image is done; ``status`` is a short running summary."""
-
-    def warn(self, text: str) -> None:
-        """Something the user should see (a bad file, a resume note)."""
-
-    def info(self, text: str) -> None:
-        """A note on what the run does (e.g. what resume found)."""
 
 
 # -- options ----------------------------------------------------------------------------------
@@ -330,10 +312,6 @@ def box_images(
 
         summary.report = write_report(out_path, fmt=fmt, out=report, events=events)
     return summary
-
-
-VIZ_INDEX = "index.jsonl"
-"""In a ``--viz`` folder: one ``{"image": name, "png": file}`` line per picture drawn."""
 
 
 def _save_viz(folder: Path, name: str, res: Any, stems: dict[str, str]) -> None:
