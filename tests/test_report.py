@@ -343,6 +343,25 @@ def test_boxes_report_links_the_viz_pictures(tmp_path, run_cli, fast_models, che
     _one_error_line(err, "is a file")
 
 
+def test_boxes_interrupted_writes_no_report(
+    tmp_path, run_cli, fast_models, checkpoint, interrupt_run
+):
+    from conftest import CLI_METHOD_OPTS, MODEL
+
+    for i in range(3):
+        save(tmp_path / "imgs" / f"{i}.png", scene(140, 112, BOX))
+    model = ["--model", MODEL, "--checkpoint", checkpoint, *CLI_METHOD_OPTS]
+    args = ["boxes", tmp_path / "imgs", "--out", tmp_path / "r.jsonl", "--report", tmp_path / "rep"]
+    interrupt_run(1)
+    code, _, err = run_cli(*args, *model)
+    assert code == 130 and "report of" not in err
+    assert not (tmp_path / "rep" / "index.html").exists()
+    interrupt_run(None)
+    code, _, err = run_cli(*args, "--resume", *model)
+    assert code == 0, err
+    assert len(read_page(write_report(tmp_path / "r.jsonl", out=tmp_path / "rep")).cards) == 3
+
+
 # -- in a browser ---------------------------------------------------------------------------
 BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                 "--disable-background-networking", "--disable-component-update",
