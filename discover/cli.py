@@ -4,6 +4,7 @@ discover boxes PATH... [--out results.jsonl] [--viz DIR] ...   box images
 discover eval --dataset voc07 --root PATH --out DIR ...        CorLoc on a benchmark
 discover inspect PATH... --out DIR [--compare MODEL]            token norms, attention
 discover find-registers PATH... --out FILE                      test-time register neurons
+discover report RESULTS [--out DIR] [--images-root DIR]         an HTML page of the results
 discover models                                                 supported models
 
 Every option is declared once (the groups below) and defaults to ``None``: the library
@@ -138,6 +139,7 @@ def boxes(
         str, typer.Option("--format", metavar="FMT", help="jsonl, coco, csv or voc.")
     ] = "jsonl",
     viz: _opt(Path, "--viz", help="Write one PNG per image with its boxes here.") = None,
+    report: _opt(Path, "--report", help="Then write an HTML report of the output here.") = None,
     *,
     opts: dict[str, Any],
 ) -> None:
@@ -146,12 +148,31 @@ def boxes(
 
     opts = command_options(opts)
     with Bar() as bar:
-        s = box_images(paths, out=out_path, fmt=fmt, viz=viz, events=bar, **opts)
+        s = box_images(paths, out=out_path, fmt=fmt, viz=viz, report=report, events=bar, **opts)
     print_single_results(s.results)  # a single image: show its boxes
     if s.interrupted:
         raise Interrupted(f"interrupted: {s.message()} (run again with --resume to finish)")
     if s.is_main:
         say(err, s.message())
+    if s.report is not None:
+        from discover.console import print_report
+
+        print_report(s.report)
+
+
+@app.command()
+def report(
+    results: Annotated[Path, typer.Argument(metavar="RESULTS", help="An output of boxes.")],
+    out: _opt(Path, "--out", "-o", help="Report folder (default: RESULTS.report).") = None,
+    fmt: _opt(str, "--format", help="jsonl, coco, csv or voc (default: from RESULTS).") = None,
+    images_root: _opt(Path, "--images-root", help="Where the image names start.") = None,
+) -> None:
+    """A static HTML page of a run's results: thumbnails, sort by score, filters."""
+    from discover.console import print_report
+    from discover.report import write_report
+
+    with Bar() as bar:
+        print_report(write_report(results, out=out, fmt=fmt, images_root=images_root, events=bar))
 
 
 @app.command("eval")

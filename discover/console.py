@@ -171,6 +171,13 @@ def print_single_results(records: Sequence[dict[str, Any]]) -> None:
         say(err, f"{rec['image']}: {shown or rec['error'] or 'no box'}")
 
 
+def print_report(r: Any) -> None:
+    """The line that ends ``discover report`` (a :class:`discover.report.ReportSummary`)."""
+    say(err, f"report of {r.images} images ({r.boxes} boxes, {r.failures} failures, "
+             f"{r.no_box} without a box, {r.missing} images missing; {r.drawn} thumbnails "
+             f"drawn, {r.up_to_date} up to date) -> {r.page}")  # fmt: skip
+
+
 def print_norms(rows: Sequence[dict[str, Any]], images: int, threshold: str) -> None:
     """The summary table of ``discover inspect``."""
     table = Table(title=f"Token norms over {images} image(s) (threshold: {threshold})")

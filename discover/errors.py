@@ -23,6 +23,12 @@ class ImageError(RegdiscoverError):
     """An image cannot be read or has an unusable shape."""
 
 
+class UsageError(RegdiscoverError):
+    """A bad option, path or combination: reported as one line, before any work.
+
+    (Also :class:`discover.runs.UsageError`, where the runs raise it.)"""
+
+
 class Interrupted(Exception):  # noqa: N818 - what the user did, not an error
     """Ctrl-C stopped a run: the message says what was kept; the CLI exits with 130."""
 

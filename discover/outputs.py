@@ -55,6 +55,8 @@ CSV_FIELDS = [
     "error",
 ]
 SETTINGS_FORMAT = "regdiscover.settings/1"
+VIZ_INDEX = "index.jsonl"
+"""In a ``--viz`` folder: one ``{"image": name, "png": file}`` line per picture drawn."""
 _COCO_CATEGORIES = [{"id": 1, "name": "object", "supercategory": "object"}]
 
 
@@ -130,6 +132,8 @@ class Writer:
         self.corrupt = 0
         self.previous_settings: dict[str, Any] | None = None
         """The sidecar of the output resumed (``None`` when there is none)."""
+        self.sidecar_extra: dict[str, Any] = {}
+        """More sidecar fields, written beside ``settings`` (see :func:`write_settings`)."""
         self._opened = False
         self._f: Any = None
         self.check_target()
@@ -166,7 +170,9 @@ class Writer:
             self._open()
             self._opened = True
             if self.settings is not None:
-                write_settings(self.path, self.fmt, self.settings, cwd=self.base_cwd)
+                write_settings(
+                    self.path, self.fmt, self.settings, self.sidecar_extra, cwd=self.base_cwd
+                )
         self._write(record)
         self.done.add(record["image"])
         self.count += 1
@@ -642,7 +648,7 @@ def guess_format(path: str | os.PathLike[str]) -> str:
     if p.is_dir():
         return "voc"
     ext = p.suffix.lower().lstrip(".")
-    if ext in ("jsonl", "csv"):
+    if ext in ("jsonl", "csv", "coco"):  # results.coco: what --format coco writes by default
         return ext
     if ext == "json":
         return "coco"
@@ -689,8 +695,8 @@ def merge(out: Path, fmt: str, parts: Sequence[Path], required: Iterable[str] = 
         raise MissingImages(missing)
     ordered = [(name, entries[name]) for name in sorted(entries)]
     cls.write_merged(out, ordered, extra)
-    if sidecar is not None:
-        write_settings(out, fmt, sidecar.get("settings"), cwd=sidecar.get("cwd"))
+    if sidecar is not None:  # as it was written (the run's cwd and time, not the merge's)
+        atomic_write(settings_path(out, fmt), json.dumps(sidecar, indent=1) + "\n")
     for p in parts:
         remove_output(p, fmt)
     return len(ordered)
@@ -704,10 +710,17 @@ def settings_path(path: str | os.PathLike[str], fmt: str) -> Path:
 
 
 def write_settings(
-    path: Path, fmt: str, settings: dict[str, Any] | None, *, cwd: str | None = None
+    path: Path,
+    fmt: str,
+    settings: dict[str, Any] | None,
+    extra: dict[str, Any] | None = None,
+    *,
+    cwd: str | None = None,
 ) -> None:
-    """Write the sidecar of an output: the run's ``settings`` and ``cwd``, the folder its
-    relative image names start from (default: the current working directory)."""
+    """Write the sidecar: the run's ``settings`` (compared on ``--resume``), the package
+    version, the time, ``cwd`` (the folder the relative image names start from; default
+    the current working directory) and ``extra`` facts about the run that are no
+    settings (``viz``: the ``--viz`` folder)."""
     from discover.version import __version__
 
     data = {
@@ -715,6 +728,7 @@ def write_settings(
         "regdiscover": __version__,
         "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "cwd": cwd or os.getcwd(),
+        **(extra or {}),
         "settings": settings,
     }
     atomic_write(settings_path(path, fmt), json.dumps(data, indent=1) + "\n")

@@ -24,13 +24,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from discover.errors import RegdiscoverError, first_line
+from discover.errors import RegdiscoverError, UsageError, first_line
+from discover.events import Events
 from discover.images import iter_image_paths
 from discover.methods import get_method
 from discover.methods.base import default_method
 from discover.models import DEFAULT_MODEL, spec_for
 from discover.outputs import (
     FORMATS,
+    VIZ_INDEX,
     OutputError,
     check_folder_target,
     open_writer,
@@ -54,26 +56,6 @@ BOX_DEFAULTS: dict[str, Any] = {}
 """Defaults of ``discover boxes`` that differ from the Discoverer's (none yet)."""
 EVAL_DEFAULTS: dict[str, Any] = {"max_size": None}
 """``discover eval`` keeps the benchmark protocol: images at their native size."""
-
-
-class UsageError(RegdiscoverError):
-    """A bad option, path or combination: reported as one line, before any work."""
-
-
-class Events:
-    """Progress of a run; the default does nothing. Override what you show."""
-
-    def start(self, total: int, description: str) -> None:
-        """``total`` images are about to be processed."""
-
-    def advance(self, status: str) -> None:
-        """One image is done; ``status`` is a short running summary."""
-
-    def warn(self, text: str) -> None:
-        """Something the user should see (a bad file, a resume note)."""
-
-    def info(self, text: str) -> None:
-        """A note on what the run does (e.g. what resume found)."""
 
 
 # -- options ----------------------------------------------------------------------------------
@@ -221,6 +203,8 @@ class BoxesSummary:
     is_main: bool = True
     results: list[dict[str, Any]] = field(default_factory=list)
     """The records of this run when it boxed a single image (for the CLI to print)."""
+    report: Any = None
+    """The :class:`~discover.report.ReportSummary` when a report was asked for."""
 
     @property
     def rate(self) -> float:
@@ -243,6 +227,7 @@ def box_images(
     resume: bool = False,
     allow_settings_change: bool = False,
     viz: str | os.PathLike[str] | None = None,
+    report: str | os.PathLike[str] | None = None,
     events: Events | None = None,
     discoverer: Any = None,
     **options: Any,
@@ -257,6 +242,8 @@ def box_images(
             append; refused when the output was written with other settings unless
             ``allow_settings_change``.
         viz: write one PNG per image with its boxes into this folder.
+        report: write the HTML report of the whole output into this folder at the end
+            (:func:`discover.report.write_report`; not after an interruption).
         events: progress callbacks.
         discoverer: an already built Discoverer (then the model options are ignored).
         **options: Discoverer options (``None`` = default), ``method_params`` and
@@ -294,6 +281,10 @@ def box_images(
             check_folder_target(viz_dir)
         except (OSError, OutputError) as e:
             raise UsageError(f"cannot create the --viz folder {viz_dir}: {_reason(e)}") from None
+    if report is not None:
+        from discover.report import check_report_dir
+
+        check_report_dir(report)
     dist = DistContext.from_env(options.get("device") or "cpu")
     part = dist.part_path(out_path)
     try:  # checks the target now; creates or truncates nothing before the first record
@@ -306,6 +297,8 @@ def box_images(
         discoverer.keep_images = discoverer.keep_images or viz_dir is not None
     settings = discoverer.settings()
     writer.settings = settings
+    if viz_dir is not None:  # for the report: which picture belongs to which image
+        writer.sidecar_extra["viz"] = str(viz_dir.resolve())
     done_elsewhere = dist.prepare_output(out_path, fmt, resume=resume)
     summary = BoxesSummary(output=out_path if dist.is_main else part, is_main=dist.is_main)
     with writer:
@@ -348,6 +341,10 @@ def box_images(
             summary.interrupted = True
         summary.elapsed = time.perf_counter() - t0
     dist.merge_outputs(out_path, fmt)
+    if report is not None and dist.is_main and not summary.interrupted:
+        from discover.report import write_report
+
+        summary.report = write_report(out_path, fmt=fmt, out=report, events=events)
     return summary
 
 
@@ -356,6 +353,8 @@ def _save_viz(folder: Path, name: str, res: Any, stems: dict[str, str]) -> None:
 
     stem = unique_stem(name, stems)  # a.jpg and a.png must not share a.png
     save_png(folder / f"{stem}.png", draw_result(res.extras["image"], res))
+    with open(folder / VIZ_INDEX, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"image": name, "png": f"{stem}.png"}) + "\n")
 
 
 def _resolved(name: str, base: str) -> str:

@@ -2,7 +2,8 @@
 
 :func:`draw_result` overlays, on the original image, the seed-expansion mask (tinted),
 the seed patch (filled square) and each box (rectangle with its score), the way the
-LOST paper shows its predictions.
+LOST paper shows its predictions; :func:`draw_boxes` draws the boxes of an output record
+(the report's thumbnails and figures).
 """
 
 from __future__ import annotations
@@ -45,19 +46,53 @@ def draw_result(image: np.ndarray, result: object, *, alpha: float = 0.45) -> np
         s0 = (int(round(c * p * sx)), int(round(r * p * sy)))
         s1 = (int(round((c + 1) * p * sx)) - 1, int(round((r + 1) * p * sy)) - 1)
         cv2.rectangle(out, s0, s1, (255, 255, 0), thickness=-1)
+    _draw_boxes(out, [d.box for d in dets], [d.score for d in dets], fx, fy)
+    return out
+
+
+def draw_boxes(
+    image: np.ndarray,
+    boxes: Sequence[Sequence[float]],
+    scores: Sequence[float | None],
+    *,
+    size: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """Return an RGB uint8 copy of ``image`` with ``boxes`` and their ``scores`` drawn.
+
+    What the report shows for an output record (which has no mask or seed patch): each
+    box ``(x0, y0, x1, y1)``, end exclusive, in the pixels of an image of ``size`` =
+    ``(width, height)`` (default: ``image``'s own), scaled to ``image``, e.g. a thumbnail.
+    Colours and labels are those of :func:`draw_result`; a ``None`` or NaN score has no label.
+    """
+    out = np.ascontiguousarray(image.copy())
+    H, W = out.shape[:2]
+    width, height = size if size is not None else (W, H)
+    _draw_boxes(out, boxes, scores, W / (width or W), H / (height or H))
+    return out
+
+
+def _draw_boxes(
+    out: np.ndarray,
+    boxes: Sequence[Sequence[float]],
+    scores: Sequence[float | None],
+    fx: float,
+    fy: float,
+) -> None:
+    H, W = out.shape[:2]
     thick = max(2, round(max(H, W) / 300))
-    for i, det in enumerate(dets):
+    for i, (box, score) in enumerate(zip(boxes, scores, strict=True)):
         colour = _COLOURS[i % len(_COLOURS)]
-        x0, y0 = int(round(det.box[0] * fx)), int(round(det.box[1] * fy))
-        x1, y1 = int(round(det.box[2] * fx)), int(round(det.box[3] * fy))
+        x0, y0 = int(round(box[0] * fx)), int(round(box[1] * fy))
+        x1, y1 = int(round(box[2] * fx)), int(round(box[3] * fy))
         cv2.rectangle(out, (x0, y0), (max(x0, x1 - 1), max(y0, y1 - 1)), colour, thick)
-        label = f"{det.score:.2f}"
+        if score is None or not np.isfinite(score):
+            continue
+        label = f"{score:.2f}"
         scale = max(0.4, max(H, W) / 900)
         (tw, th), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
         ty = max(th + 2, y0)
         cv2.rectangle(out, (x0, ty - th - 4), (x0 + tw + 4, ty), colour, -1)
         cv2.putText(out, label, (x0 + 2, ty - 3), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1)
-    return out
 
 
 def _mask_to_pixels(
@@ -74,6 +109,15 @@ def _mask_to_pixels(
     hh, ww = min(H, big.shape[0]), min(W, big.shape[1])
     full[:hh, :ww] = big[:hh, :ww] > 0
     return full
+
+
+def encode_jpeg(rgb: np.ndarray, quality: int = 85) -> bytes:
+    """An RGB uint8 array as JPEG bytes (for the report's thumbnails and figures)."""
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
+                           [cv2.IMWRITE_JPEG_QUALITY, int(quality)])  # fmt: skip
+    if not ok:
+        raise ValueError(f"cannot encode a {rgb.shape} array as JPEG")
+    return buf.tobytes()
 
 
 def save_png(path: str | os.PathLike[str], rgb: np.ndarray) -> None:

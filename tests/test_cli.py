@@ -24,7 +24,7 @@ from PIL import Image
 from discover.models import DEFAULT_MODEL
 from discover.outputs import read_jsonl
 from discover.pipeline import Detection, ImageResult
-from discover.viz import draw_result
+from discover.viz import draw_boxes, draw_result
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -213,6 +213,22 @@ def test_draw_result_overlays_exactly_the_mask_seed_and_box():
     big = draw_result(np.full((112, 140, 3), 100, dtype=np.uint8), res)
     assert (big[60, 90] == (255, 255, 0)).all() and (big[0:20, 0:20] == 100).all()
     assert (big[33, 33] != 100).any()
+
+
+def test_draw_boxes_scales_record_boxes_to_a_thumbnail():
+    thumb = np.full((50, 70, 3), 100, dtype=np.uint8)  # a 700 x 500 picture at 1/10
+    out = draw_boxes(thumb, [[100, 200, 400, 450], [0, 0, 700, 500]], [3.5, None], size=(700, 500))
+    assert (thumb == 100).all()  # drawn on a copy
+    changed = (out != thumb).any(axis=2)
+    assert changed[20:45, 10].all() and changed[20:45, 39].all()  # the first box's sides
+    assert changed[44, 10:40].all()
+    assert not changed[25:40, 15:35].any()  # its inside is left alone
+    assert changed[49, :].all() and changed[:, 69].all()  # the whole-image box, no label
+    assert not changed[5:15, 45:65].any() and not changed[4:10, 4:9].any()
+    # the score label sits on the first box's top-left corner, in its colour
+    assert (out[12:19, 11:20] == (255, 64, 64)).all(axis=2).any()
+    same = draw_boxes(thumb, [[10, 20, 40, 45]], [1.0])  # in the thumbnail's own pixels
+    assert (same != thumb).any(axis=2)[20:45, 10].all()
 
 
 def test_boxes_resume_after_a_torn_line_and_after_ctrl_c(

@@ -304,5 +304,6 @@ def test_killed_rank_then_resume_completes(work: Path, single_boxes: dict) -> No
         "--viz", viz.name, *COMMON,
     )  # fmt: skip
     assert _by_image(out) == single_boxes  # no duplicate, nothing missing
-    assert len(list(viz.iterdir())) == N_IMAGES - len(kept)  # only the missing ones redone
+    assert len(list(viz.glob("*.png"))) == N_IMAGES - len(kept)  # only the missing ones redone
+    assert len(read_jsonl(viz / "index.jsonl")) == N_IMAGES - len(kept)  # every rank's line
     assert find_parts(out) == []

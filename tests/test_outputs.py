@@ -14,11 +14,13 @@ import torch
 from discover.outputs import (
     CSV_FIELDS,
     FORMATS,
+    OutputError,
     atomic_write,
     merge,
     open_writer,
     read_jsonl,
     read_jsonl_done,
+    read_records,
     read_settings,
     result_record,
     settings_path,
@@ -422,3 +424,30 @@ def test_merge_keeps_the_settings_and_where_names_start(tmp_path, monkeypatch):
     resumed = open_writer(out, "jsonl", resume=True)
     assert resumed.previous_settings["settings"] == {"model": "m", "k": 1}
     assert resumed.base_cwd == str(first)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_merge_keeps_the_sidecar_as_written(tmp_path, monkeypatch, fmt):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    monkeypatch.chdir(run_dir)
+    part = tmp_path / f"r.{fmt}.part0-of-2"
+    with open_writer(part, fmt, settings={"model": "m", "method": "lost"}) as w:
+        w.sidecar_extra = {"viz": "/some/viz"}
+        w.write(RECORDS[0])
+    written = read_settings(part, fmt)
+    monkeypatch.chdir(tmp_path)  # the merge runs elsewhere
+    merge(tmp_path / f"r.{fmt}", fmt, [part])
+    merged = read_settings(tmp_path / f"r.{fmt}", fmt)
+    assert merged == written  # not nested inside a second sidecar
+    assert merged["settings"] == {"model": "m", "method": "lost"}
+    assert merged["cwd"] == str(run_dir) and merged["viz"] == "/some/viz"
+
+
+def test_read_records_guesses_every_default_output_name(tmp_path):
+    for fmt in FORMATS:  # the names discover boxes writes without --out
+        out = tmp_path / ("results" if fmt == "voc" else f"results.{fmt}")
+        write_all(out, fmt, RECORDS)
+        assert [r["image"] for r in read_records(out)] == [r["image"] for r in RECORDS], fmt
+    with pytest.raises(OutputError, match="use --format"):
+        read_records(tmp_path / "results.txt")
