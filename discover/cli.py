@@ -50,12 +50,19 @@ app = typer.Typer(
 _METAVARS = {str: "TEXT", int: "N", float: "X", Path: "PATH"}
 
 
-def _opt(kind: Any, *names: str, **kw: Any) -> Any:
-    if kind in _METAVARS:
-        kw.setdefault("metavar", _METAVARS[kind])
-    elif kind is not bool:
+def _val(kind: Any, *names: str, **kw: Any) -> Any:
+    """An option of type ``kind`` (required or with a default in the signature)."""
+    base = next((k for k in _METAVARS if kind in (k, k | None)), None)
+    if base is not None:
+        kw.setdefault("metavar", _METAVARS[base])
+    elif kind not in (bool, bool | None):
         kw.setdefault("metavar", "KEY=VALUE")
-    return Annotated[kind | None, typer.Option(*names, show_default=False, **kw)]
+    return Annotated[kind, typer.Option(*names, **kw)]
+
+
+def _opt(kind: Any, *names: str, **kw: Any) -> Any:
+    """An option that defaults to ``None``: the library's default."""
+    return _val(kind | None, *names, show_default=False, **kw)
 
 
 def _flag(*names: str, help: str) -> Any:  # noqa: A002 - typer's word
@@ -135,9 +142,7 @@ def with_options(*groups: dict[str, Any]):
 def boxes(
     paths: PathsArg,
     out_path: _opt(Path, "--out", "-o", help="Output file (a folder for voc; results.FMT).") = None,
-    fmt: Annotated[
-        str, typer.Option("--format", metavar="FMT", help="jsonl, coco, csv or voc.")
-    ] = "jsonl",
+    fmt: _val(str, "--format", metavar="FMT", help="jsonl, coco, csv or voc.") = "jsonl",
     viz: _opt(Path, "--viz", help="Write one PNG per image with its boxes here.") = None,
     report: _opt(Path, "--report", help="Then write an HTML report of the output here.") = None,
     *,
@@ -178,23 +183,13 @@ def report(
 @app.command("eval")
 @with_options(MODEL_OPTIONS, RUN_OPTIONS)
 def eval_(
-    dataset: Annotated[
-        str, typer.Option("--dataset", metavar="NAME", help="voc07, voc12 or coco20k.")
-    ],
-    root: Annotated[
-        Path, typer.Option("--root", metavar="PATH", help="Dataset folder (see README).")
-    ],
-    out_dir: Annotated[
-        Path, typer.Option("--out", "-o", metavar="PATH", help="Output folder.")
-    ] = Path("out/eval"),
-    split: Annotated[
-        str, typer.Option("--split", metavar="NAME", help="VOC image set.")
-    ] = "trainval",
+    dataset: _val(str, "--dataset", metavar="NAME", help="voc07, voc12 or coco20k."),
+    root: _val(Path, "--root", help="Dataset folder (see README)."),
+    out_dir: _val(Path, "--out", "-o", help="Output folder.") = Path("out/eval"),
+    split: _val(str, "--split", metavar="NAME", help="VOC image set.") = "trainval",
     coco_list: _opt(Path, "--coco-list", help="coco20k: coco_20k_filenames.txt.") = None,
     ann_file: _opt(Path, "--ann-file", help="coco20k: instances_train2014.json.") = None,
-    no_hard: Annotated[
-        bool, typer.Option("--no-hard", help="Drop difficult/truncated objects (VOC).")
-    ] = False,
+    no_hard: _flag("--no-hard", help="Drop difficult/truncated objects (VOC).") = False,
     limit: _opt(int, "--limit", min=1, help="First N images only.") = None,
     *,
     opts: dict[str, Any],
@@ -218,15 +213,12 @@ def eval_(
 @with_options(MODEL_OPTIONS, PATH_OPTIONS)
 def inspect(
     paths: PathsArg,
-    out_dir: Annotated[
-        Path, typer.Option("--out", "-o", metavar="PATH", help="Output folder.")
-    ] = Path("out/inspect"),
+    out_dir: _val(Path, "--out", "-o", help="Output folder.") = Path("out/inspect"),
     compare: _opt(str, "--compare", help="A second model, side by side.") = None,
     compare_checkpoint: _opt(Path, "--compare-checkpoint", help="Weights of --compare.") = None,
-    threshold: Annotated[
-        str,
-        typer.Option("--threshold", metavar="X", help="Outlier norm cutoff: a number or 'auto'."),
-    ] = "auto",
+    threshold: _val(
+        str, "--threshold", metavar="X", help="Outlier norm: a number or 'auto'."
+    ) = "auto",
     *,
     opts: dict[str, Any],
 ) -> None:
@@ -248,19 +240,12 @@ def inspect(
 @with_options(MODEL_OPTIONS, PATH_OPTIONS)
 def find_registers(
     paths: PathsArg,
-    out_file: Annotated[
-        Path, typer.Option("--out", "-o", metavar="PATH", help="Neuron JSON to write.")
-    ],
+    out_file: _val(Path, "--out", "-o", help="Neuron JSON to write."),
     layer: _opt(int, "--layer", help="Block whose output norms define outliers.") = None,
-    threshold: Annotated[
-        str,
-        typer.Option(
-            "--threshold", metavar="X", help="Outlier norm: a number, 'auto' or 'quantile:Q'."
-        ),
-    ] = "auto",
-    top_k: Annotated[
-        int, typer.Option("--top-k", metavar="N", min=1, help="Neurons to keep.")
-    ] = 10,
+    threshold: _val(
+        str, "--threshold", metavar="X", help="A number, 'auto' or 'quantile:Q'."
+    ) = "auto",
+    top_k: _val(int, "--top-k", min=1, help="Neurons to keep.") = 10,
     max_layer: _opt(int, "--max-layer", help="Last block whose neurons may be kept.") = None,
     *,
     opts: dict[str, Any],
