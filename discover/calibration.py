@@ -295,9 +295,16 @@ def _record_box(box: Sequence[float]) -> list[float]:
 
 
 def evaluate_setting(
-    setting: Setting, samples: Sequence[Sample], cache: FeatureCache, max_objects: int = 1
+    setting: Setting,
+    samples: Sequence[Sample],
+    cache: FeatureCache,
+    max_objects: int = 1,
+    loaded: Mapping[str, ImageFeatures | None] | None = None,
 ) -> Evaluated:
-    """Run ``setting`` on the cached features of every sample and score its top box."""
+    """Run ``setting`` on the cached features of every sample and score its top box.
+
+    ``loaded`` maps image ids to features already read from the cache (for the setting's
+    size and block), to read each file once for many settings."""
     method = get_method(setting.method)
     params = method.params.build(setting.options, method.name)
     n = len(samples)
@@ -307,7 +314,10 @@ def evaluate_setting(
         box: list[float] | None = None
         error = s.error
         if error is None:
-            f = cache.load(s.path, setting.size, setting.layer)
+            if loaded is not None:
+                f = loaded.get(s.image_id)
+            else:
+                f = cache.load(s.path, setting.size, setting.layer)
             if f is None:
                 error = "features not cached (unreadable image?)"
             else:
@@ -458,20 +468,52 @@ def default_grid(
     return out
 
 
+_SHARED: dict[str, Any] = {}
+"""What the sweep's worker processes read (inherited through ``fork``, not pickled)."""
+
+
+def _evaluate_shared(setting: Setting) -> Evaluated:
+    return evaluate_setting(setting, _SHARED["samples"], _SHARED["cache"], loaded=_SHARED["loaded"])
+
+
 def sweep(
     settings: Sequence[Setting],
     samples: Sequence[Sample],
     cache: FeatureCache,
     progress: Callable[[Evaluated], None] | None = None,
+    workers: int = 1,
 ) -> list[Evaluated]:
-    """Evaluate every setting (features must be cached: see :func:`extract_features`)."""
-    out = []
-    for setting in settings:
-        ev = evaluate_setting(setting, samples, cache)
-        out.append(ev)
-        if progress is not None:
-            progress(ev)
-    return out
+    """Evaluate every setting (features must be cached: see :func:`extract_features`).
+
+    Settings are grouped by input size and block, and the features of a group are read
+    from the cache once. With ``workers > 1`` the settings of a group run in that many
+    forked processes (one torch thread each); results come back in ``settings`` order.
+    """
+    groups: dict[tuple[int | None, int], list[int]] = {}
+    for i, st in enumerate(settings):
+        groups.setdefault((st.size, st.layer), []).append(i)
+    out: list[Evaluated | None] = [None] * len(settings)
+    for (size, layer), idx in groups.items():
+        loaded = {s.image_id: cache.load(s.path, size, layer) for s in samples}
+        todo = [settings[i] for i in idx]
+        if workers > 1 and len(todo) > 1:
+            import multiprocessing
+
+            _SHARED.update(samples=samples, cache=cache, loaded=loaded)
+            ctx = multiprocessing.get_context("fork")
+            with ctx.Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+                results = pool.imap(_evaluate_shared, todo)
+                for i, ev in zip(idx, results, strict=True):
+                    out[i] = ev
+                    if progress is not None:
+                        progress(ev)
+            _SHARED.clear()
+        else:
+            for i, st in zip(idx, todo, strict=True):
+                out[i] = evaluate_setting(st, samples, cache, loaded=loaded)
+                if progress is not None:
+                    progress(out[i])
+    return [ev for ev in out if ev is not None]
 
 
 def markdown_table(rows: Sequence[Row]) -> str:

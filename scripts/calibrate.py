@@ -62,13 +62,13 @@ def _extract(cache: cal.FeatureCache, samples: list, sizes, layers, bar: Progres
     )
 
 
-def _run(settings: list, samples: list, cache, bar: Progress, name: str) -> list:
+def _run(settings: list, samples: list, cache, bar: Progress, name: str, workers: int = 1):
     task = bar.add_task(name, total=len(settings), status="")
 
     def step(ev: cal.Evaluated) -> None:
         bar.update(task, advance=1, status=f"{100 * ev.hits.mean():.1f} {ev.label}")
 
-    return cal.sweep(settings, samples, cache, step)
+    return cal.sweep(settings, samples, cache, step, workers=workers)
 
 
 def _save(rows, evs, out: Path, stem: str) -> None:
@@ -89,7 +89,7 @@ def cmd_sweep(args: argparse.Namespace, backbone: Backbone) -> None:
     with _progress() as bar:
         _extract(cache, samples, sizes, layers, bar)
         t1 = time.perf_counter()
-        evs = _run(settings, samples, cache, bar, f"sweep {args.split}")
+        evs = _run(settings, samples, cache, bar, f"sweep {args.split}", args.workers)
     evs += [cal.evaluate_baseline(b, samples) for b in cal.BASELINES]
     rows = sorted((cal.summarize(ev, samples) for ev in evs), key=lambda r: -r.corloc.value)
     _save(rows, evs, Path(args.out), f"sweep_{args.split}")
@@ -191,6 +191,7 @@ def main() -> None:
         p.add_argument("--cache", default=str(cache_dir() / "calibration"))
         p.add_argument("--out", default="out/calibration")
         p.add_argument("--threads", type=int, default=None)
+        p.add_argument("--workers", type=int, default=1, help="processes for the methods")
     sw = sub.choices["sweep"]
     sw.add_argument("--split", default="tune")
     sw.add_argument("--sizes", default=",".join(cal.size_label(s) for s in cal.SIZES))

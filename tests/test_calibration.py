@@ -113,3 +113,15 @@ def test_default_grid_covers_every_method_and_size():
     assert len({s.label() for s in grid}) == len(grid)  # labels name settings uniquely
     lost = [s for s in grid if s.method == "lost" and s.size is None and s.features == "keys"]
     assert len(lost) == 2 * 6
+
+
+def test_sweep_in_processes_equals_the_sweep_in_one(tmp_path, bb, voc):
+    samples = list(load_dataset("voc07", voc))
+    cache = cal.FeatureCache(tmp_path / "cache", bb)
+    cal.extract_features(cache, samples, [None, 56])
+    settings = cal.default_grid([None, 56], ["lost", "found"], ["keys", "values"])
+    one = cal.sweep(settings, samples, cache)
+    two = cal.sweep(settings, samples, cache, workers=2)
+    assert [e.label for e in one] == [s.label() for s in settings] == [e.label for e in two]
+    for a, b in zip(one, two, strict=True):
+        assert a.boxes == b.boxes and a.hits.tolist() == b.hits.tolist()
