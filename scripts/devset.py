@@ -3,6 +3,7 @@
     python scripts/devset.py stats  [--root samples/devset]      # the mix, per split
     python scripts/devset.py split  [--root samples/devset]      # (re)write tune/test/trainval
     python scripts/devset.py draw ID OUT.png [--zoom x0,y0,x1,y1]  # check an image's boxes
+    python scripts/devset.py sources                             # SOURCES.md from SOURCES.tsv
 
 ``split`` is deterministic: images are grouped by the size of their largest object
 (under 20%, 20-50%, over 50% of the image) and, inside each group, ordered by a hash of
@@ -91,18 +92,45 @@ def cmd_draw(args: argparse.Namespace) -> None:
     img.save(args.out)
 
 
+def cmd_sources(args: argparse.Namespace) -> None:
+    import csv
+
+    root = Path(args.root)
+    with open(root / "SOURCES.tsv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    cols = ("id", "package", "version", "path", "licence", "attribution", "changes")
+    lines = [
+        "# Sources of the development benchmark\n",
+        "One row per image: the package it ships in, the package version, the file's path",
+        "inside the package (for Qt resources, the .rcc file and the path inside it), the",
+        "licence as the package states it, the author or source it credits, and what we",
+        "changed. Generated from `SOURCES.tsv` by `python scripts/devset.py sources`.\n",
+        "| " + " | ".join(cols) + " |",
+        "|" + "---|" * len(cols),
+    ]
+    for r in rows:
+        cells = [str(r[c]).replace("|", "/").replace("\n", " ") for c in cols]
+        cells[3] = f"`{cells[3]}`"
+        lines.append("| " + " | ".join(cells) + " |")
+    (root / "SOURCES.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print(f"{len(rows)} sources -> {root / 'SOURCES.md'}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--root", default="samples/devset")
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("stats")
     sub.add_parser("split")
+    sub.add_parser("sources")
     dr = sub.add_parser("draw")
     dr.add_argument("id")
     dr.add_argument("out")
     dr.add_argument("--zoom")
     args = ap.parse_args()
-    {"stats": cmd_stats, "split": cmd_split, "draw": cmd_draw}[args.cmd](args)
+    {"stats": cmd_stats, "split": cmd_split, "draw": cmd_draw, "sources": cmd_sources}[args.cmd](
+        args
+    )
 
 
 if __name__ == "__main__":
