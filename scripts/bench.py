@@ -36,8 +36,8 @@ from PIL import Image
 
 from discover.backbone import Backbone, cpu_supports_bf16
 from discover.methods.lost import lost
-from discover.outputs import JsonlWriter, result_record
 from discover.pipeline import Discoverer
+from discover.runs import Events, box_images
 
 
 def peak_rss_mb() -> float:
@@ -86,11 +86,10 @@ def bench_raw(bb: Backbone, n: int, size: int, batch: int) -> float:
 
 
 def bench_pipeline(disc: Discoverer, paths: list[Path], out: Path) -> float:
+    """What ``discover boxes`` runs (discover.runs.box_images): files to a JSONL output."""
     list(disc.run(paths[:1]))  # warm-up
     t0 = time.perf_counter()
-    with JsonlWriter(out) as w:
-        for res in disc.run(paths):
-            w.write(result_record(res, res.path))
+    box_images(paths, out=out, discoverer=disc)
     _sync(disc.backbone.device)
     return len(paths) / (time.perf_counter() - t0)
 
@@ -185,11 +184,23 @@ def rss_growth(model: str, n1: int, n2: int, size: int, batch: int) -> dict:
         seq = [paths[i % len(paths)] for i in range(n2)]
         disc = Discoverer(model, pretrained=False, batch_size=batch)
         marks = {}
-        with JsonlWriter(Path(tmp) / "out.jsonl") as w:
-            for i, res in enumerate(disc.run(seq), 1):
-                w.write(result_record(res, f"{i}"))
-                if i in (n1, n2):
-                    marks[i] = current_rss_mb()
+
+        class Marks(Events):
+            done = 0
+
+            def advance(self, status: str) -> None:
+                self.done += 1
+                if self.done in (n1, n2):
+                    marks[self.done] = current_rss_mb()
+
+        # the same file many times over: names differ, so none is skipped as a repeat
+        links = []
+        for i, p in enumerate(seq):
+            link = Path(tmp) / "seq" / f"{i:06d}{p.suffix}"
+            link.parent.mkdir(exist_ok=True)
+            link.symlink_to(p)
+            links.append(link)
+        box_images(links, out=Path(tmp) / "out.jsonl", discoverer=disc, events=Marks())
     return {
         f"rss_mb_at_{n1}": round(marks[n1], 1),
         f"rss_mb_at_{n2}": round(marks[n2], 1),

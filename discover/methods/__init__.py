@@ -5,20 +5,8 @@ Importing the package imports every built-in method module, and each registers i
 its architectures. A new built-in method is one module plus one line below.
 """
 
-from discover.methods.base import (
-    FEATURE_SETTINGS,
-    INPUTS,
-    EmptyGraphError,
-    Method,
-    MethodResult,
-    Params,
-    check_grid,
-    check_inputs,
-    get_method,
-    method_names,
-    register,
-    unregister,
-)
+from discover.methods.base import *  # noqa: F403  (the contract, as base.__all__ lists it)
+from discover.methods.base import __all__  # noqa: F401
 
 # The built-in methods (each module registers itself).
 from discover.methods import lost  # noqa: E402,F401  isort: skip
@@ -27,18 +15,3 @@ from discover.methods import dino_seg  # noqa: E402,F401  isort: skip
 from discover.methods import found  # noqa: E402,F401  isort: skip
 from discover.methods import spectral  # noqa: E402,F401  isort: skip
 from discover.methods import vote  # noqa: E402,F401  isort: skip
-
-__all__ = [
-    "FEATURE_SETTINGS",
-    "INPUTS",
-    "EmptyGraphError",
-    "Method",
-    "MethodResult",
-    "Params",
-    "check_grid",
-    "check_inputs",
-    "get_method",
-    "method_names",
-    "register",
-    "unregister",
-]

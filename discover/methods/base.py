@@ -39,18 +39,29 @@ from typing import Any, Protocol
 import torch
 
 __all__ = [
+    "CENTRED_LIKE_DINOV2",
+    "DEFAULT_METHODS",
     "FEATURE_SETTINGS",
     "INPUTS",
     "EmptyGraphError",
+    "Grid",
     "Method",
     "MethodResult",
+    "Mask",
     "Params",
     "check_grid",
     "check_inputs",
+    "default_method",
     "get_method",
     "method_names",
     "register",
+    "unregister",
 ]
+
+Grid = tuple[int, int]
+"""``(h, w)``: rows and columns of the patch grid."""
+Mask = torch.Tensor | None
+"""An optional bool ``[N]`` (or ``[h, w]``) patch mask, e.g. ``exclude``."""
 
 INPUTS: dict[str, str] = {
     "cls_attention": "[heads, N] float: the last block's attention of the [CLS] token on "
@@ -60,6 +71,15 @@ INPUTS: dict[str, str] = {
 
 FEATURE_SETTINGS = ("features", "layer")
 """Keys of a family's defaults that choose the backbone's features, not a parameter."""
+
+CENTRED_LIKE_DINOV2: dict[str, dict[str, Any]] = {
+    "dinov2": {"center": True},
+    "dinov3": {"center": True},
+}
+"""Centring for the DINOv2 family, whose last-layer keys are all alike (every dot product
+positive, every cosine above TokenCut's tau): subtracting the image's mean feature
+restores a signed graph. DINOv3 is carried over, not measured (no hub weights here):
+same training family (DINO + iBOT losses), so the same keys are expected."""
 
 
 class EmptyGraphError(ValueError):

@@ -16,22 +16,16 @@ from typing import Any
 import numpy as np
 import scipy.ndimage
 import torch
+from torch import Tensor
 
+import discover.methods.base as base
 from discover.boxes import mask_box
-from discover.methods.base import (
-    EmptyGraphError,
-    Method,
-    Params,
-    check_grid,
-    check_inputs,
-    register,
-)
 
 __all__ = ["DinoSegParams", "DinoSegResult", "dino_seg"]
 
 
 @dataclass(frozen=True)
-class DinoSegParams(Params):
+class DinoSegParams(base.Params):
     """DINO-seg's parameters (LOST's ``dino_seg`` defaults; its script uses head 4 with
     DINO, which is this method's calibrated default for that family)."""
 
@@ -105,7 +99,7 @@ def dino_seg(
     if cls_attn.ndim != 2:
         raise ValueError(f"cls_attn must be 2-D [heads, N], got shape {tuple(cls_attn.shape)}")
     n_heads, n = cls_attn.shape
-    h, w = check_grid(n, grid, "cls_attn")
+    h, w = base.check_grid(n, grid, "cls_attn")
     p = DinoSegParams.build(params, "dino_seg")
     head, keep_mass = int(p.head), float(p.keep_mass)
     if not 0 <= head < n_heads:
@@ -130,7 +124,7 @@ def dino_seg(
         chosen = 0
     component = torch.from_numpy(labels == chosen)
     if not bool(component.any()):
-        raise EmptyGraphError(
+        raise base.EmptyGraphError(
             f"DINO-seg selected an empty region (label {chosen} of {n_labels} components)"
         )
     return _result(att, kept, chosen, component.to(cls_attn.device))
@@ -147,31 +141,31 @@ def _result(att: torch.Tensor, kept: torch.Tensor, label: int, mask: torch.Tenso
 
 
 def _dino_seg_method(
-    feats: torch.Tensor,
-    grid: tuple[int, int],
+    feats: Tensor,
+    grid: base.Grid,
     *,
-    exclude: torch.Tensor | None = None,
-    cls_attention: torch.Tensor,
+    exclude: base.Mask = None,
+    cls_attention: Tensor,
     **params: Any,
 ) -> DinoSegResult:
     """The registered method: :func:`dino_seg` with excluded patches given no attention
     (so they are never kept) and left out of the chosen region."""
-    h, w, exclude = check_inputs(feats, grid, exclude)
+    h, w, exclude = base.check_inputs(feats, grid, exclude)
     if exclude is None:
         return dino_seg(cls_attention, (h, w), **params)
     if bool(exclude.all()):
-        raise EmptyGraphError("every patch is excluded, nothing left to discover")
+        raise base.EmptyGraphError("every patch is excluded, nothing left to discover")
     keep = (~exclude).to(cls_attention.device)
     res = dino_seg(cls_attention * keep, (h, w), **params)
     mask = res.mask & keep.reshape(h, w)
     if not bool(mask.any()):
-        raise EmptyGraphError("DINO-seg's region holds only excluded patches")
+        raise base.EmptyGraphError("DINO-seg's region holds only excluded patches")
     att = cls_attention[DinoSegParams.build(params).head].float() * keep
     return _result(att, res.kept, res.label, mask)
 
 
-register(
-    Method(
+base.register(
+    base.Method(
         "dino_seg",
         _dino_seg_method,
         DinoSegParams,

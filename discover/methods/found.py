@@ -41,15 +41,16 @@ import numpy as np
 import scipy.ndimage
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
+import discover.methods.base as base
 from discover.boxes import mask_box
-from discover.methods.base import EmptyGraphError, Method, Params, check_inputs, register
 
 __all__ = ["FoundParams", "FoundResult", "found"]
 
 
 @dataclass(frozen=True)
-class FoundParams(Params):
+class FoundParams(base.Params):
     """FOUND's parameters (``configs/found_DUTS-TR.yaml`` of the reference)."""
 
     bkg_th: float = 0.3
@@ -91,11 +92,11 @@ class FoundResult:
 
 
 def found(
-    feats: torch.Tensor,
-    grid: tuple[int, int],
+    feats: Tensor,
+    grid: base.Grid,
     *,
-    exclude: torch.Tensor | None = None,
-    cls_attention: torch.Tensor,
+    exclude: base.Mask = None,
+    cls_attention: Tensor,
     **params: Any,
 ) -> FoundResult:
     """Find the object as what does not look like the background seed (FOUND).
@@ -113,7 +114,7 @@ def found(
         EmptyGraphError: every patch excluded, or every patch similar to the seed (no
             object at all).
     """
-    h, w, exclude = check_inputs(feats, grid, exclude)
+    h, w, exclude = base.check_inputs(feats, grid, exclude)
     p = FoundParams.build(params, "found")
     n = h * w
     if cls_attention.ndim != 2 or cls_attention.shape[1] != n:
@@ -125,7 +126,7 @@ def found(
         raise ValueError(f"feature width {feats.shape[1]} is not a multiple of {heads} heads")
     keep = torch.ones(n, dtype=torch.bool, device=feats.device) if exclude is None else ~exclude
     if not bool(keep.any()):
-        raise EmptyGraphError("every patch is excluded, nothing left to discover")
+        raise base.EmptyGraphError("every patch is excluded, nothing left to discover")
     att = cls_attention.float().to(feats.device)
     if not bool(torch.isfinite(att).all()) or not bool(torch.isfinite(feats).all()):
         raise ValueError("feats or cls_attention contain NaN or infinite values")
@@ -149,7 +150,7 @@ def found(
     background = (descs @ descs[bkg_seed]) > float(p.bkg_th)
     objects = ~background & keep
     if not bool(objects.any()):
-        raise EmptyGraphError(f"every patch is similar to the background seed (> {p.bkg_th})")
+        raise base.EmptyGraphError(f"every patch is similar to the background seed (> {p.bkg_th})")
 
     labels, _ = scipy.ndimage.label(objects.reshape(h, w).cpu().numpy())
     counts = np.bincount(labels.ravel())
@@ -171,8 +172,8 @@ def found(
     )
 
 
-register(
-    Method(
+base.register(
+    base.Method(
         "found",
         found,
         FoundParams,

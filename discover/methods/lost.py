@@ -28,9 +28,10 @@ from typing import Any
 
 import scipy.ndimage
 import torch
+from torch import Tensor
 
+import discover.methods.base as base
 from discover.boxes import mask_box
-from discover.methods.base import EmptyGraphError, Method, Params, check_inputs, register
 
 __all__ = [
     "LostParams",
@@ -178,7 +179,7 @@ def _confidence(
 
 
 @dataclass(frozen=True)
-class LostParams(Params):
+class LostParams(base.Params):
     """LOST's parameters; the defaults are the reference's (valeoai/LOST)."""
 
     k_patches: int = 100
@@ -196,13 +197,7 @@ class LostParams(Params):
         gram_bias_percentile(self.gram_bias)
 
 
-def lost(
-    feats: torch.Tensor,
-    grid: tuple[int, int],
-    *,
-    exclude: torch.Tensor | None = None,
-    **params: Any,
-) -> LostResult:
+def lost(feats: Tensor, grid: base.Grid, *, exclude: base.Mask = None, **params: Any) -> LostResult:
     """Find one object with LOST.
 
     Args:
@@ -252,7 +247,7 @@ def lost(
             positive with the seed, e.g. ``N == 1`` with a zero feature or a bias ``<= -|f|^2`` (the
             reference raises a ``ValueError`` there too).
     """
-    h, w, exclude = check_inputs(feats, grid, exclude)
+    h, w, exclude = base.check_inputs(feats, grid, exclude)
     p = LostParams.build(params, "lost")
     k_patches, gram_bias, center = int(p.k_patches), p.gram_bias, bool(p.center)
     n = h * w
@@ -263,7 +258,7 @@ def lost(
     else:
         keep_idx = torch.nonzero(~exclude).flatten()
     if keep_idx.numel() == 0:
-        raise EmptyGraphError("every patch is excluded, nothing left to discover")
+        raise base.EmptyGraphError("every patch is excluded, nothing left to discover")
 
     F = (feats if exclude is None else feats[keep_idx]).float()
     # One reduction instead of an elementwise pass: a NaN or inf anywhere reaches the sum.
@@ -301,7 +296,7 @@ def lost(
     labels, _ = scipy.ndimage.label(positive_full.reshape(h, w).cpu().numpy())
     seed_label = int(labels[seed // w, seed % w])
     if seed_label == 0:
-        raise EmptyGraphError(
+        raise base.EmptyGraphError(
             "LOST's seed is not in the positive region of the expanded similarity "
             f"(seed set of size {similars_local.numel()}): degenerate graph"
         )
@@ -325,17 +320,12 @@ def lost(
     )
 
 
-register(
-    Method(
+base.register(
+    base.Method(
         "lost",
         lost,
         LostParams,
-        # DINOv2's last-layer keys have all-positive dot products: every patch gets full
-        # degree and plain LOST returns the whole image; subtracting the image's mean
-        # feature restores a signed graph (README, "Calibration").
-        # DINOv3: carried over from DINOv2, not measured (no hub weights here): same
-        # training family (DINO + iBOT losses), so the same all-positive keys are expected.
-        defaults={"dinov2": {"center": True}, "dinov3": {"center": True}},
+        defaults=base.CENTRED_LIKE_DINOV2,
         summary="LOST seed expansion (Simeoni et al., BMVC 2021)",
     )
 )

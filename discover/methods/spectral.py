@@ -32,16 +32,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from skimage.measure import label as cc_label
+from torch import Tensor
 
+import discover.methods.base as base
 from discover.boxes import mask_box
-from discover.methods.base import EmptyGraphError, Method, Params, check_inputs, register
 from discover.methods.tokencut import second_eigenpair
 
 __all__ = ["SpectralParams", "SpectralResult", "spectral"]
 
 
 @dataclass(frozen=True)
-class SpectralParams(Params):
+class SpectralParams(base.Params):
     """Parameters of the deep-spectral object localisation."""
 
     center: bool = False
@@ -71,11 +72,7 @@ class SpectralResult:
 
 
 def spectral(
-    feats: torch.Tensor,
-    grid: tuple[int, int],
-    *,
-    exclude: torch.Tensor | None = None,
-    **params: Any,
+    feats: Tensor, grid: base.Grid, *, exclude: base.Mask = None, **params: Any
 ) -> SpectralResult:
     """Localise the main object with the Fiedler vector of the feature affinity.
 
@@ -83,13 +80,13 @@ def spectral(
         ValueError: bad shapes or non-finite features.
         EmptyGraphError: fewer than 3 patches left in the graph.
     """
-    h, w, exclude = check_inputs(feats, grid, exclude)
+    h, w, exclude = base.check_inputs(feats, grid, exclude)
     p = SpectralParams.build(params, "spectral")
     device = feats.device
     kept = torch.arange(h * w, device=device) if exclude is None else torch.nonzero(~exclude)[:, 0]
     n = int(kept.numel())
     if n < 3:
-        raise EmptyGraphError(f"spectral: needs at least 3 patches in the graph, got {n}")
+        raise base.EmptyGraphError(f"spectral: needs at least 3 patches in the graph, got {n}")
     x = feats[kept].double()
     if not bool(torch.isfinite(x).all()):
         raise ValueError("feats contain NaN or infinite values")
@@ -100,7 +97,7 @@ def spectral(
     weights = a * (a > 0)
     top = float(weights.max())
     if top <= 0:
-        raise EmptyGraphError("spectral: no positive affinity between patches")
+        raise base.EmptyGraphError("spectral: no positive affinity between patches")
     weights = weights / top
     # Every degree is at least the self-affinity 1 of a normalised feature, so the
     # reference's guard (a degree under 1e-12 set to 1) never fires, but for a zero
@@ -140,8 +137,8 @@ def spectral(
     )
 
 
-register(
-    Method(
+base.register(
+    base.Method(
         "spectral",
         spectral,
         SpectralParams,

@@ -66,8 +66,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+import discover.methods.base as base
 from discover.boxes import mask_box
-from discover.methods.base import EmptyGraphError, Method, Params, check_inputs, register
 
 __all__ = [
     "DENSE_MAX_PATCHES",
@@ -205,7 +205,7 @@ def _lanczos_second(normalized: Tensor) -> tuple[float, Tensor]:
 
 
 @dataclass(frozen=True)
-class TokenCutParams(Params):
+class TokenCutParams(base.Params):
     """TokenCut's parameters; the defaults are the reference's (YangtaoWANG95/TokenCut)."""
 
     tau: float = 0.2
@@ -227,11 +227,7 @@ class TokenCutParams(Params):
 
 
 def tokencut(
-    feats: Tensor,
-    grid: tuple[int, int],
-    *,
-    exclude: Tensor | None = None,
-    **params: Any,
+    feats: Tensor, grid: base.Grid, *, exclude: base.Mask = None, **params: Any
 ) -> TokenCutResult:
     """Discover the main object of one image with TokenCut.
 
@@ -256,7 +252,7 @@ def tokencut(
         EmptyGraphError: fewer than 3 patches left, or every pair of remaining
             patches linked / none linked (no cut structure).
     """
-    h, w, exclude = check_inputs(feats, grid, exclude)
+    h, w, exclude = base.check_inputs(feats, grid, exclude)
     if not feats.is_floating_point():
         raise ValueError(f"feats must be a float tensor, got {feats.dtype}")
     if not bool(torch.isfinite(feats).all()):
@@ -270,9 +266,9 @@ def tokencut(
         kept = torch.nonzero(~exclude).reshape(-1)
     n = int(kept.numel())
     if n == 0:
-        raise EmptyGraphError("tokencut: every patch is excluded")
+        raise base.EmptyGraphError("tokencut: every patch is excluded")
     if n < 3:
-        raise EmptyGraphError(f"tokencut: needs at least 3 patches in the graph, got {n}")
+        raise base.EmptyGraphError(f"tokencut: needs at least 3 patches in the graph, got {n}")
 
     graph_feats = feats[kept]
     if center:
@@ -281,19 +277,19 @@ def tokencut(
     off_diagonal = ~torch.eye(n, dtype=torch.bool, device=device)
     linked = edges & off_diagonal
     if bool(linked.eq(off_diagonal).all()):
-        raise EmptyGraphError(
+        raise base.EmptyGraphError(
             f"tokencut: all {n} patches are mutually similar (cosine > tau={tau}); "
             "the graph has no cut structure"
         )
     if not bool(linked.any()):
-        raise EmptyGraphError(
+        raise base.EmptyGraphError(
             f"tokencut: no two patches are similar (cosine > tau={tau}); "
             "the graph has no cut structure"
         )
 
     lam, vec = second_eigenpair(_weights(edges, eps), solver=solver)
     if not bool(torch.isfinite(vec).all()) or not np.isfinite(lam):
-        raise EmptyGraphError("tokencut: the eigensolver returned non-finite values")
+        raise base.EmptyGraphError("tokencut: the eigensolver returned non-finite values")
 
     magnitude = vec.abs()
     tol = TIE_RTOL * float(magnitude.max())
@@ -313,7 +309,7 @@ def tokencut(
     labels, _ = scipy.ndimage.label(side_np)
     seed_label = labels[seed // w, seed % w]
     if seed_label == 0:  # cannot happen: the seed is at least |y|max / n above the mean
-        raise EmptyGraphError("tokencut: the seed fell outside the foreground")
+        raise base.EmptyGraphError("tokencut: the seed fell outside the foreground")
     component = labels == seed_label
     mask = torch.from_numpy(component).to(device)
     return TokenCutResult(
@@ -327,15 +323,12 @@ def tokencut(
     )
 
 
-register(
-    Method(
+base.register(
+    base.Method(
         "tokencut",
         tokencut,
         TokenCutParams,
-        # Without centring every cosine of DINOv2's keys exceeds tau: no cut at all.
-        # DINOv3: carried over from DINOv2, not measured (no hub weights here): same
-        # training family (DINO + iBOT losses), so the same all-positive keys are expected.
-        defaults={"dinov2": {"center": True}, "dinov3": {"center": True}},
+        defaults=base.CENTRED_LIKE_DINOV2,
         summary="TokenCut normalized cut (Wang et al., CVPR 2022)",
     )
 )

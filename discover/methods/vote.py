@@ -26,16 +26,10 @@ from typing import Any
 import numpy as np
 import scipy.ndimage
 import torch
+from torch import Tensor
 
+import discover.methods.base as base
 from discover.boxes import mask_box, pairwise_iou
-from discover.methods.base import (
-    EmptyGraphError,
-    Method,
-    Params,
-    check_inputs,
-    get_method,
-    register,
-)
 
 __all__ = ["VoteParams", "VoteResult", "vote"]
 
@@ -43,7 +37,7 @@ _SHARED = ("center", "gram_bias", "tau", "bkg_th")
 
 
 @dataclass(frozen=True)
-class VoteParams(Params):
+class VoteParams(base.Params):
     members: str = "lost,tokencut,spectral,found"
     """Comma-separated method names."""
     mode: str = "box"
@@ -86,29 +80,29 @@ class VoteResult:
 
 
 def vote(
-    feats: torch.Tensor,
-    grid: tuple[int, int],
+    feats: Tensor,
+    grid: base.Grid,
     *,
-    exclude: torch.Tensor | None = None,
-    cls_attention: torch.Tensor | None = None,
+    exclude: base.Mask = None,
+    cls_attention: Tensor | None = None,
     **params: Any,
 ) -> VoteResult:
     """The consensus of several methods on one image (see the module docstring)."""
-    h, w, exclude = check_inputs(feats, grid, exclude)
+    h, w, exclude = base.check_inputs(feats, grid, exclude)
     p = VoteParams.build(params, "vote")
     proposals: dict[str, Any] = {}
     for name in p.member_names():
-        m = get_method(name)
+        m = base.get_method(name)
         given = {k: getattr(p, k) for k in _SHARED if k in m.params.names()}
         try:
             proposals[name] = m(
                 feats, (h, w), m.params.build(given, name), exclude=exclude,
                 cls_attention=cls_attention,
             )  # fmt: skip
-        except EmptyGraphError:
+        except base.EmptyGraphError:
             continue
     if not proposals:
-        raise EmptyGraphError("vote: no member found an object")
+        raise base.EmptyGraphError("vote: no member found an object")
     names = list(proposals)
     boxes = torch.tensor([proposals[n].box for n in names], dtype=torch.float64)
     iou = pairwise_iou(boxes, boxes)
@@ -128,7 +122,7 @@ def vote(
     counts = np.bincount(labels.ravel())
     counts[0] = 0
     if counts.max() == 0:
-        raise EmptyGraphError(f"vote: no patch has {p.quorum} votes")
+        raise base.EmptyGraphError(f"vote: no patch has {p.quorum} votes")
     component = torch.from_numpy(labels == int(np.argmax(counts))).to(feats.device)
     box = mask_box(component)
     others = pairwise_iou(torch.tensor([box], dtype=torch.float64), boxes)[0]
@@ -138,8 +132,8 @@ def vote(
     )
 
 
-register(
-    Method(
+base.register(
+    base.Method(
         "vote",
         vote,
         VoteParams,
