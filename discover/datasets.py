@@ -344,15 +344,28 @@ def _read_voc_sample(image_id: str, xml_path: Path, img_path: Path) -> Sample:
     except ValueError as exc:
         return failed(f"bad annotation in {xml_path}: {exc}")
 
+    flags = {"difficult": difficult, "truncated": truncated}
+    return _annotated(image_id, img_path, (width, height), boxes, classes, flags, issues)
+
+
+def _annotated(
+    image_id: str,
+    path: Path,
+    size: tuple[int | None, int | None],
+    boxes: Sequence[tuple[int, ...]],
+    classes: Sequence[str],
+    flags: dict[str, Sequence[bool]],
+    issues: Sequence[str] = (),
+) -> Sample:
+    """A :class:`Sample` from parsed lists (boxes as ``(x0, y0, x1, y1)`` tuples)."""
     return Sample(
-        image_id=image_id,
-        path=img_path,
-        width=width,
-        height=height,
+        image_id,
+        path,
+        *size,
         boxes=np.asarray(boxes, dtype=np.int64).reshape(-1, 4),
         classes=tuple(classes),
-        difficult=np.asarray(difficult, dtype=bool),
-        truncated=np.asarray(truncated, dtype=bool),
+        difficult=np.asarray(flags["difficult"], dtype=bool),
+        truncated=np.asarray(flags["truncated"], dtype=bool),
         issues=tuple(issues),
     )
 
@@ -466,17 +479,8 @@ def _coco_sample(
             classes.append(categories.get(cat, str(cat)))
     except (KeyError, TypeError, ValueError) as exc:
         return Sample(sid, path, width, height, error=f"bad annotation for image {sid}: {exc!r}")
-    n = len(boxes)
-    return Sample(
-        image_id=sid,
-        path=path,
-        width=width,
-        height=height,
-        boxes=np.asarray(boxes, dtype=np.int64).reshape(-1, 4),
-        classes=tuple(classes),
-        difficult=np.zeros(n, dtype=bool),
-        truncated=np.zeros(n, dtype=bool),
-    )
+    no_flags = {"difficult": [False] * len(boxes), "truncated": [False] * len(boxes)}
+    return _annotated(sid, path, (width, height), boxes, classes, no_flags)
 
 
 def _load_coco20k(

@@ -7,6 +7,20 @@ command line passes a :class:`discover.console.Bar`, which draws it. Also
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+
+@dataclass(kw_only=True)
+class Tally:
+    """What every run counts: images processed, boxes written, images that failed, and
+    the seconds it took (the summaries of :mod:`discover.runs` and :mod:`discover.report`
+    add their own fields)."""
+
+    images: int = 0
+    boxes: int = 0
+    failures: int = 0
+    elapsed: float = 0.0
+
 
 class Events:
     """Progress of a run; the default does nothing. Override what you show."""

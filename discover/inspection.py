@@ -194,6 +194,9 @@ def inspect_images(
     def relative(name: str) -> str:
         return Path(os.path.relpath(os.path.abspath(name), top)).as_posix()
 
+    opts = {"threshold": threshold, "lost_params": lost_params, "head": head}
+    opts |= {"attention_registers": attention_registers, "panel_size": panel_size}
+    opts |= {"max_side": max_side, "relative": relative}
     all_rows: list[dict[str, Any]] = []
     total = len(paths)
     with open(out / "norms.csv", "w", newline="", encoding="utf-8") as fh:
@@ -201,19 +204,7 @@ def inspect_images(
         writer.writeheader()
         fh.flush()
         for done, path in enumerate(paths, start=1):
-            rows = _inspect_one(
-                path,
-                backbones,
-                out,
-                used_names,
-                threshold=threshold,
-                lost_params=lost_params,
-                head=head,
-                attention_registers=attention_registers,
-                panel_size=panel_size,
-                max_side=max_side,
-                relative=relative,
-            )
+            rows = _inspect_one(path, backbones, out, used_names, **opts)
             writer.writerows(rows)
             fh.flush()
             all_rows.extend(rows)

@@ -37,6 +37,8 @@ class ModelSpec:
 
 _GAP = "timm SBB ViT, no [CLS]"
 _GAP_ROPE = "timm SBB ViT (Eva, RoPE), no [CLS]"
+_SWIGLU_S = "DINOv3 S+ (SwiGLU: no test-time registers)"
+_SWIGLU_H = "DINOv3 H+ (SwiGLU: no test-time registers)"
 
 MODELS: dict[str, ModelSpec] = {
     s.name: s
@@ -54,24 +56,10 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("vit_base_patch16_clip_224.openai", "clip", 16, 768, 0, "OpenAI CLIP"),
         # DINOv3 (Simeoni et al., 2025): timm Eva, rotary position embeddings, 4 registers.
         ModelSpec("vit_small_patch16_dinov3.lvd1689m", "dinov3", 16, 384, 4, "DINOv3 (Eva, RoPE)"),
-        ModelSpec(
-            "vit_small_plus_patch16_dinov3.lvd1689m",
-            "dinov3",
-            16,
-            384,
-            4,
-            "DINOv3 S+ (SwiGLU: no test-time registers)",
-        ),
+        ModelSpec("vit_small_plus_patch16_dinov3.lvd1689m", "dinov3", 16, 384, 4, _SWIGLU_S),
         ModelSpec("vit_base_patch16_dinov3.lvd1689m", "dinov3", 16, 768, 4, "DINOv3 (Eva, RoPE)"),
         ModelSpec("vit_large_patch16_dinov3.lvd1689m", "dinov3", 16, 1024, 4, "DINOv3 (Eva, RoPE)"),
-        ModelSpec(
-            "vit_huge_plus_patch16_dinov3.lvd1689m",
-            "dinov3",
-            16,
-            1280,
-            4,
-            "DINOv3 H+ (SwiGLU: no test-time registers)",
-        ),
+        ModelSpec("vit_huge_plus_patch16_dinov3.lvd1689m", "dinov3", 16, 1280, 4, _SWIGLU_H),
         # timm's own register ViTs (supervised ImageNet, "SBB" recipes): global average
         # pooling, no [CLS] token (no [CLS] attention: LOST, TokenCut, spectral only).
         *(

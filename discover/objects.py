@@ -68,6 +68,16 @@ class ObjectDetection:
     step: int
 
 
+def check_object_options(max_objects: int, min_score: float | None, iou_threshold: float) -> None:
+    """Raise ``ValueError`` for a bad ``max_objects``, ``min_score`` or ``iou_threshold``."""
+    if isinstance(max_objects, bool) or int(max_objects) != max_objects or max_objects < 1:
+        raise ValueError(f"max_objects must be an integer >= 1, got {max_objects!r}")
+    if min_score is not None and math.isnan(float(min_score)):
+        raise ValueError("min_score must be a number or None, got NaN")
+    if not 0.0 <= float(iou_threshold) <= 1.0:
+        raise ValueError(f"iou_threshold must be in [0, 1], got {iou_threshold!r}")
+
+
 def discover_objects(
     feats: Tensor,
     grid: tuple[int, int],
@@ -108,12 +118,7 @@ def discover_objects(
         RuntimeError: the method returned a mask with excluded patches (a method bug).
     """
     m = method if isinstance(method, Method) else get_method(method)
-    if isinstance(max_objects, bool) or int(max_objects) != max_objects or max_objects < 1:
-        raise ValueError(f"max_objects must be an integer >= 1, got {max_objects!r}")
-    if min_score is not None and math.isnan(float(min_score)):
-        raise ValueError("min_score must be a number or None, got NaN")
-    if not 0.0 <= float(iou_threshold) <= 1.0:
-        raise ValueError(f"iou_threshold must be in [0, 1], got {iou_threshold!r}")
+    check_object_options(max_objects, min_score, iou_threshold)
     h, w = (int(v) for v in grid)
     n = h * w
 

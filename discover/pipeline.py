@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,7 +30,7 @@ from discover.images import DEFAULT_MAX_PIXELS, LoadedImage, read_image, to_rgb_
 from discover.methods import EmptyGraphError, get_method
 from discover.methods.base import default_method
 from discover.models import DEFAULT_MODEL, spec_for
-from discover.objects import discover_objects
+from discover.objects import check_object_options, discover_objects
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -143,12 +142,7 @@ class Discoverer:
     ) -> None:
         if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        if isinstance(max_objects, bool) or int(max_objects) != max_objects or max_objects < 1:
-            raise ValueError(f"max_objects must be an integer >= 1, got {max_objects!r}")
-        if min_score is not None and math.isnan(float(min_score)):
-            raise ValueError("min_score must be a number, got NaN")
-        if not 0.0 <= float(iou_threshold) <= 1.0:
-            raise ValueError(f"iou_threshold must be in [0, 1], got {iou_threshold!r}")
+        check_object_options(max_objects, min_score, iou_threshold)
         if int(num_workers) < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         if max_size is not None and max_size < 1:

@@ -37,7 +37,7 @@ from urllib.parse import quote
 import numpy as np
 
 from discover.errors import RegdiscoverError, UsageError, first_line
-from discover.events import Events
+from discover.events import Events, Tally
 from discover.outputs import (
     FORMATS,
     SETTINGS_FORMAT,
@@ -68,15 +68,12 @@ _OURS = re.compile(r"^[0-9a-f]{16}\.jpg$")
 _BINS = 24
 
 
-@dataclass
-class ReportSummary:
-    """What :func:`write_report` wrote."""
+@dataclass(kw_only=True)
+class ReportSummary(Tally):
+    """What :func:`write_report` wrote (``failures``: records with an error, the run could
+    not box the image)."""
 
     page: Path
-    images: int = 0
-    boxes: int = 0
-    failures: int = 0
-    """Records with an error (the run could not box the image)."""
     no_box: int = 0
     """Records without an error and without a box."""
     missing: int = 0
@@ -86,7 +83,6 @@ class ReportSummary:
     """Thumbnails drawn by this call."""
     up_to_date: int = 0
     """Thumbnails an earlier report had drawn already."""
-    elapsed: float = 0.0
 
 
 @dataclass

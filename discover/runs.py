@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from discover.errors import RegdiscoverError, UsageError, first_line
-from discover.events import Events
+from discover.events import Events, Tally
 from discover.images import iter_image_paths
 from discover.methods import get_method
 from discover.methods.base import default_method
@@ -187,18 +187,14 @@ def check_options(options: Mapping[str, Any]) -> None:
 
 
 # -- boxing -----------------------------------------------------------------------------------
-@dataclass
-class BoxesSummary:
-    """What a :func:`box_images` run did."""
+@dataclass(kw_only=True)
+class BoxesSummary(Tally):
+    """What a :func:`box_images` run did (``images``: processed in this run, not counting
+    those resumed)."""
 
     output: Path
-    images: int = 0
-    """Images processed in this run (not counting those resumed)."""
-    boxes: int = 0
-    failures: int = 0
     skipped: int = 0
     """Images already in the output (``--resume``)."""
-    elapsed: float = 0.0
     interrupted: bool = False
     is_main: bool = True
     results: list[dict[str, Any]] = field(default_factory=list)

@@ -126,15 +126,8 @@ def spectral(
     full = torch.zeros(h * w, dtype=torch.float64, device=device)
     full[kept] = vec
     inside = torch.where(component.reshape(-1), full.abs(), torch.full_like(full, -1.0))
-    return SpectralResult(
-        seed=int(torch.argmax(inside)),
-        mask=component,
-        box=mask_box(component),
-        score=1.0 - lam,
-        eigenvector=full.reshape(h, w),
-        region=region.reshape(h, w),
-        eigenvalue=lam,
-    )
+    seed, box, vec2d = int(torch.argmax(inside)), mask_box(component), full.reshape(h, w)
+    return SpectralResult(seed, component, box, 1.0 - lam, vec2d, region.reshape(h, w), lam)
 
 
 base.register(
