@@ -364,3 +364,55 @@ def _as_numpy(a: np.ndarray | torch.Tensor) -> np.ndarray:
     if isinstance(a, torch.Tensor):
         return a.detach().cpu().float().numpy() if a.is_floating_point() else a.cpu().numpy()
     return np.asarray(a)
+
+
+GROUND_TRUTH_COLOUR = (64, 220, 64)
+"""Green: the annotated boxes in :func:`gallery`."""
+PREDICTION_COLOUR = (255, 64, 64)
+"""Red: the predicted box in :func:`gallery`."""
+
+
+@dataclass(frozen=True)
+class GalleryItem:
+    """One tile of :func:`gallery`: an RGB image, its annotated boxes, the predicted box
+    (``None``: the method found none) in the image's pixels, end exclusive, and a caption."""
+
+    image: np.ndarray
+    truth: Sequence[Sequence[float]]
+    predicted: Sequence[float] | None
+    caption: str = ""
+
+
+def gallery(items: Sequence[GalleryItem], *, columns: int = 4, tile: int = 320) -> np.ndarray:
+    """An RGB uint8 grid of ``items``, each fitted in a ``tile``-pixel square: annotated
+    boxes in green, the prediction in red, the caption on a dark strip at the bottom.
+
+    Raises:
+        ValueError: no item, or ``columns`` / ``tile`` below 1.
+    """
+    if not items or columns < 1 or tile < 1:
+        raise ValueError("gallery needs at least one item, columns >= 1 and tile >= 1")
+    rows = (len(items) + columns - 1) // columns
+    sheet = np.full((rows * tile, min(columns, len(items)) * tile, 3), 255, np.uint8)
+    for i, item in enumerate(items):
+        h, w = item.image.shape[:2]
+        f = tile / max(h, w)
+        size = (max(1, round(w * f)), max(1, round(h * f)))
+        small = cv2.resize(np.ascontiguousarray(item.image), size, interpolation=cv2.INTER_AREA)
+        thick = 2
+        for box in item.truth:
+            _rectangle(small, box, f, GROUND_TRUTH_COLOUR, thick)
+        if item.predicted is not None:
+            _rectangle(small, item.predicted, f, PREDICTION_COLOUR, thick)
+        if item.caption:
+            cv2.rectangle(small, (0, size[1] - 18), (size[0], size[1]), (0, 0, 0), -1)
+            cv2.putText(small, item.caption, (4, size[1] - 5), cv2.FONT_HERSHEY_SIMPLEX, 0.42,
+                        (255, 255, 255), 1, cv2.LINE_AA)  # fmt: skip
+        r, c = divmod(i, columns)
+        sheet[r * tile : r * tile + size[1], c * tile : c * tile + size[0]] = small
+    return sheet
+
+
+def _rectangle(out: np.ndarray, box: Sequence[float], f: float, colour, thick: int) -> None:
+    x0, y0, x1, y1 = (int(round(v * f)) for v in box)
+    cv2.rectangle(out, (x0, y0), (max(x0, x1 - 1), max(y0, y1 - 1)), colour, thick)

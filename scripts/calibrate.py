@@ -17,6 +17,7 @@ Ctrl-C keeps every cached feature; running again continues where it stopped.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -24,9 +25,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from discover import calibration as cal
+from discover import viz
 from discover.backbone import Backbone
 from discover.datasets import load_dataset
 from discover.models import OFFLINE_MODEL
@@ -127,15 +130,37 @@ def cmd_report(args: argparse.Namespace, backbone: Backbone) -> None:
             layers = sorted({s.layer for _, s in named})
             _extract(cache, samples, sizes, layers, bar)
             evs = _run([s for _, s in named], samples, cache, bar, f"report {split}")
+            if split == "tune":  # one timing per size, in this run, for both splits
+                task = bar.add_task("timing", total=len(sizes), status="")
+                forward = {}
+                for size in sizes:
+                    forward[size] = cal.time_forward(cache, samples, size, layers[0])
+                    bar.update(task, advance=1, status=f"@{cal.size_label(size)}")
+            for ev in evs:
+                ev.forward_seconds[:] = forward[ev.setting.size]
             evs += [cal.evaluate_baseline(b, samples) for b in cal.BASELINES]
             names = [n for n, _ in named] + list(cal.BASELINES)
             evaluated[split] = dict(zip(names, evs, strict=True))
+            plain = [cal.summarize(ev, samples) for ev in evs]
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            cal.write_csv(plain, Path(args.out) / f"report_{split}.csv")  # for `choose`
+            if split == "tune":
+                tune_rows = plain
             rows = []
-            for name, ev in zip(names, evs, strict=True):
-                row = cal.summarize(ev, samples)
-                row.label = f"**{name}**: {ev.label}" if ev.setting else f"**{name}**"
-                rows.append(row)
+            for name, ev, row in zip(names, evs, plain, strict=True):
+                title = f"**{name}**: {ev.label}" if ev.setting else f"**{name}**"
+                rows.append(dataclasses.replace(row, label=title))
             parts.append(f"\n**{split}** ({len(samples)} images):\n\n" + cal.markdown_table(rows))
+    if choices.get("sweep"):
+        sweep = Path(choices["sweep"])
+        parts.append(_sweep_excerpt(sweep))
+        what = f"The rule applied to the {sweep.stem} rows, overall and per method:"
+        parts.append(_choices_table(cal.read_csv(sweep.with_suffix(".csv")), what))
+    if choices.get("sizes"):
+        mine = [r for n, r in zip(names, tune_rows, strict=True) if n in choices["sizes"]]
+        best, row = max(mine, key=lambda r: r.corloc.value), cal.best_by_rule(mine)
+        parts.append(f"\nThe input size of the default, by the rule on tune: **{row.label}** "
+                     f"({_ci(row)}; the best, {best.label}: {_ci(best)}).\n")  # fmt: skip
     pairs = choices.get("compare", [])
     if pairs:
         lines = ["\nPaired comparisons on test (bootstrap over images, McNemar's exact test):\n",
@@ -149,6 +174,12 @@ def cmd_report(args: argparse.Namespace, backbone: Backbone) -> None:
                 f" | {c.a_only} | {c.b_only} | {c.p_value:.3g} |"
             )
         parts.append("\n".join(lines) + "\n")
+    gallery = choices.get("gallery")
+    if gallery:
+        split = gallery.get("split", "test")
+        ev = evaluated[split][gallery["name"]]
+        path = _write_gallery(ev, _samples(args.root, split), gallery)
+        parts.append(f"\n{gallery.get('text', '').strip()}\n\n![failures]({path})\n")
     section = "".join(parts)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -165,6 +196,71 @@ def cmd_report(args: argparse.Namespace, backbone: Backbone) -> None:
         _, tail = rest.split(README_END, 1)
         readme.write_text(f"{head}{README_START}\n{section}{README_END}{tail}", encoding="utf-8")
     print(section)
+
+
+def _sweep_excerpt(table: Path) -> str:
+    """The best row per (method, feature kind) of a sweep's markdown table (sorted by
+    CorLoc), and the baselines, as a smaller table."""
+    lines = table.read_text(encoding="utf-8").splitlines()
+    head, rows = lines[:2], [ln for ln in lines[2:] if ln.startswith("|")]
+    seen: set[tuple[str, ...]] = set()
+    kept = []
+    for ln in rows:
+        words = ln.strip("| ").split(" | ")[0].split()
+        group = tuple(words[:2]) if len(words) > 2 else tuple(words)
+        if group not in seen:
+            seen.add(group)
+            kept.append(ln)
+    return (
+        f"\nThe sweep on tune ({len(rows)} rows of `{table.name}`): the best setting per method"
+        " and feature kind, best first.\n\n" + "\n".join(head + kept) + "\n"
+    )
+
+
+def _write_gallery(ev: cal.Evaluated, samples: list, spec: dict) -> str:
+    """The ``count`` misses of ``ev`` with the lowest IoU, drawn to ``spec["out"]``."""
+    misses = [i for i in np.argsort(ev.ious, kind="stable") if not ev.hits[i]]
+    items = []
+    for i in misses[: int(spec.get("count", 8))]:
+        s = samples[i]
+        rgb = np.asarray(Image.open(s.path).convert("RGB"))
+        caption = f"{s.image_id}: IoU {ev.ious[i]:.2f}"
+        items.append(viz.GalleryItem(rgb, s.boxes.tolist(), ev.boxes[i], caption))
+    sheet = viz.gallery(items, columns=int(spec.get("columns", 4)), tile=int(spec.get("tile", 300)))
+    Image.fromarray(sheet).save(spec["out"], quality=85)
+    return spec["out"]
+
+
+def _picks(rows: list) -> list[tuple[str, cal.Row, cal.Row]]:
+    """``(scope, best, chosen)`` overall and per method: the best CorLoc and the rule's
+    choice among ``rows``."""
+    scopes = {"any method": [r for r in rows if r.setting]}
+    for r in rows:
+        if r.setting:
+            scopes.setdefault(r.setting.method, []).append(r)
+    return [
+        (scope, max(mine, key=lambda r: r.corloc.value), cal.best_by_rule(mine))
+        for scope, mine in scopes.items()
+    ]
+
+
+def _ci(r: cal.Row) -> str:
+    return f"{100 * r.corloc.value:.1f} [{100 * r.corloc.low:.1f}, {100 * r.corloc.high:.1f}]"
+
+
+def _choices_table(rows: list, what: str) -> str:
+    head = "| scope | best on tune | CorLoc | chosen by the rule | CorLoc | img/s |"
+    lines = [f"\n{what}\n", head, "|---|---|---:|---|---:|---:|"]
+    for scope, best, row in _picks(rows):
+        speed = "-" if row.images_per_s is None else f"{row.images_per_s:.2f}"
+        cells = [scope, best.label, _ci(best), row.label, _ci(row), speed]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def cmd_choose(args: argparse.Namespace) -> None:
+    """The README's rule applied to a sweep: overall, and per method."""
+    print(_choices_table(cal.read_csv(Path(args.sweep).with_suffix(".csv")), "The rule's choices:"))
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -202,13 +298,15 @@ def main() -> None:
     rp = sub.choices["report"]
     rp.add_argument("--choices", required=True, help="JSON: named settings and comparisons")
     rp.add_argument("--readme", default=None, help="replace the calibration block of this file")
+    ch = sub.add_parser("choose", help="apply the selection rule to a sweep")
+    ch.add_argument("sweep", help="the sweep's files without suffix: out/calibration/sweep_tune")
     cp = sub.add_parser("compare")
     cp.add_argument("hits")
     cp.add_argument("a")
     cp.add_argument("b")
     args = ap.parse_args()
-    if args.cmd == "compare":
-        cmd_compare(args)
+    if args.cmd in ("compare", "choose"):
+        {"compare": cmd_compare, "choose": cmd_choose}[args.cmd](args)
         return
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -70,7 +70,7 @@ def test_scores_equal_the_pipeline_and_discover_eval(tmp_path, bb, voc):
         cal.extract_features(cache, samples, [size])
         setting = cal.Setting.of("lost", "keys", -1, size, center=True, gram_bias=0.0)
         ev = cal.evaluate_setting(setting, samples, cache)
-        disc = Discoverer(backbone=bb, method="lost", center=True, gram_bias=0.0)
+        disc = Discoverer(backbone=bb, method="lost", features="keys", center=True, gram_bias=0.0)
         bb.max_size = size
         try:
             ok = [s for s in samples if s.error is None]
@@ -125,3 +125,72 @@ def test_sweep_in_processes_equals_the_sweep_in_one(tmp_path, bb, voc):
     assert [e.label for e in one] == [s.label() for s in settings] == [e.label for e in two]
     for a, b in zip(one, two, strict=True):
         assert a.boxes == b.boxes and a.hits.tolist() == b.hits.tolist()
+
+
+def _row(setting: cal.Setting, hits: np.ndarray, speed: float) -> cal.Row:
+    ci = cal.bootstrap_interval(hits)
+    return cal.Row(setting.label(), len(hits), ci, 0.0, {}, speed, setting)
+
+
+def test_departures_count_what_differs_from_the_reference():
+    assert cal.departures(cal.Setting.of("lost")) == 0
+    assert cal.departures(cal.Setting.of("lost", gram_bias=0.0, center=False, size=448)) == 0
+    assert cal.departures(cal.Setting.of("lost", "queries", gram_bias="p30")) == 2
+    assert cal.departures(cal.Setting.of("tokencut", "keys", -3, tau=0.3, center=True)) == 3
+
+
+def test_selection_rule_takes_the_simplest_and_fastest_within_one_standard_error():
+    rng = np.random.default_rng(0)
+    best = (rng.random(200) < 0.6).astype(int)
+    p = best.mean()
+    se = np.sqrt(p * (1 - p) / 200)  # 3.5 points
+    near = best.copy()
+    near[np.flatnonzero(best)[:6]] = 0  # 3 points fewer: within one standard error
+    far = best.copy()
+    far[np.flatnonzero(best)[:15]] = 0  # 7.5 points fewer, though the intervals overlap
+    assert best.mean() - near.mean() < se < best.mean() - far.mean()
+    tuned = _row(cal.Setting.of("tokencut", "queries", tau=0.3, center=True), best, 1.0)
+    simple_slow = _row(cal.Setting.of("tokencut", "queries", size=None), near, 1.0)
+    simple_fast = _row(cal.Setting.of("tokencut", "queries", size=448), near, 3.0)
+    reference = _row(cal.Setting.of("lost", size=224), far, 9.0)
+    assert reference.corloc.overlaps(tuned.corloc)  # overlap alone would have taken it
+    assert cal.best_by_rule([tuned, simple_slow, simple_fast, reference]) is simple_fast
+    assert cal.best_by_rule([tuned, reference]) is tuned
+    baseline = cal.Row("whole image", 200, cal.bootstrap_interval(np.ones(200)), 1.0, {}, 99.0)
+    assert cal.best_by_rule([baseline, reference]) is reference  # baselines are not settings
+    with pytest.raises(ValueError, match="no setting"):
+        cal.best_by_rule([baseline])
+
+
+def test_gallery_draws_truth_and_prediction_in_their_tiles():
+    from discover import viz
+
+    white = np.full((100, 200, 3), 255, np.uint8)
+    items = [
+        viz.GalleryItem(white, [(0, 0, 100, 50)], (100, 50, 200, 100), "a"),
+        viz.GalleryItem(white[:50], [], None),
+        viz.GalleryItem(white, [], (0, 0, 200, 100)),
+    ]
+    sheet = viz.gallery(items, columns=2, tile=100)
+    assert sheet.shape == (200, 200, 3)
+    # tile 0 (scale 0.5): truth at the top left, prediction at the bottom right, in colour
+    assert tuple(sheet[0, 20]) == viz.GROUND_TRUTH_COLOUR
+    assert tuple(sheet[25, 80]) == viz.PREDICTION_COLOUR
+    assert (sheet[45, 30] < 60).all()  # the caption strip (bottom of a 100 x 50 tile)
+    assert (sheet[10:20, 110:190] == 255).all()  # tile 1: nothing drawn
+    assert tuple(sheet[100, 50]) == viz.PREDICTION_COLOUR  # tile 2: second row, first column
+    with pytest.raises(ValueError):
+        viz.gallery([])
+
+
+def test_time_forward_times_readable_images_now(tmp_path, bb, voc):
+    from discover.datasets import Sample
+
+    samples = list(load_dataset("voc07", voc))
+    cache = cal.FeatureCache(tmp_path / "cache", bb)
+    missing = Sample("nope", tmp_path / "nope.jpg", 10, 10)
+    seconds = cal.time_forward(cache, [missing, *samples], 56, count=2)
+    assert 0 < seconds < 60
+    assert cache.load(samples[0].path, 56, -1) is None  # timed, not stored
+    with pytest.raises(ValueError, match="no readable sample"):
+        cal.time_forward(cache, [missing], 56)
