@@ -1,11 +1,12 @@
 """regdiscover: unsupervised object discovery with register-aware ViT features.
 
-Find the main object of an image with LOST (or TokenCut) on the patch features of a
-self-supervised Vision Transformer, without labels::
+Find the main object of an image with TokenCut (the default on DINOv2), LOST, FOUND or
+deep spectral methods on the patch features of a self-supervised Vision Transformer,
+without labels. With random weights (as here) only LOST still finds a red square::
 
     >>> import numpy as np
     >>> from discover import Discoverer
-    >>> disc = Discoverer("vit_small_patch14_reg4_dinov2", pretrained=False)  # random init
+    >>> disc = Discoverer("vit_small_patch14_reg4_dinov2", pretrained=False, method="lost")
     >>> image = np.zeros((224, 224, 3), dtype=np.uint8)
     >>> image[60:160, 80:180] = (200, 30, 30)
     >>> detections = disc(image)

@@ -73,7 +73,9 @@ MODEL_OPTIONS = {
     "model": _opt(str, "--model", "-m", help="timm model name (see discover models)."),
     "checkpoint": _opt(Path, "--checkpoint", help="Local weights file (offline)."),
     "device": _opt(str, "--device", help="cpu (default), cuda, cuda:N or mps."),
-    "max_size": _opt(int, "--max-size", help="Longer side at most N pixels (0: native size)."),
+    "max_size": _opt(
+        int, "--max-size", help="Longer side at most N px (0: native). Boxes: 336; eval: native."
+    ),
     "test_time_registers": _opt(
         str, "--test-time-registers", help="For a model without registers: 'auto' or a JSON."
     ),

@@ -162,8 +162,9 @@ def inspect_images(
         threshold: outlier cutoff, a number or ``"auto"`` (see
             :func:`discover.diagnostics.find_outliers`), the same for every model.
         lost_params: parameters of :func:`discover.methods.lost.lost`, completed per model
-            key by key with LOST's calibrated defaults for its family (``center=True``
-            for DINOv2), see :func:`lost_settings`.
+            key by key with LOST's calibrated parameters for its family, see
+            :func:`lost_settings` (on the backbone's feature kind, keys by default: the
+            panel shows what the graph of those features gives).
         progress: called after each image as ``progress(done, total, rows_of_that_image)``.
         head: draw this attention head instead of the mean over heads.
         attention_registers: draw the [CLS] attention as it is (register columns kept in

@@ -32,6 +32,12 @@ from discover.methods.base import default_method
 from discover.models import DEFAULT_MODEL, spec_for
 from discover.objects import check_object_options, discover_objects
 
+DEFAULT_MAX_SIZE = 336
+"""Longer side of the network input of :class:`Discoverer` and ``discover boxes``, in
+pixels: measured on the development benchmark (README, "Calibration"), as accurate as the
+native size on its photos and several times faster; a 12-megapixel photo is not run at
+thousands of patches. ``discover eval`` keeps the native size (the benchmark protocol)."""
+
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Detection:
@@ -97,7 +103,9 @@ class Discoverer:
         layer: the block the features come from (default: the method's calibrated choice,
             else the last block, ``-1``).
         precision: ``fp32``, ``bf16`` or ``fp16``.
-        max_size: resize so the longer side is at most this many pixels.
+        max_size: resize so the longer side is at most this many pixels (default
+            :data:`DEFAULT_MAX_SIZE`, chosen on the development benchmark; ``None`` or
+            ``0``: the native size, as the benchmark protocol of ``discover eval``).
         max_patches: without ``max_size``, downscale images whose patch grid would exceed
             this budget (default 9216 patches; ``None``: never).
         max_objects: objects per image (1 = the single-object method, exactly).
@@ -127,7 +135,7 @@ class Discoverer:
         features: str | None = None,
         layer: int | None = None,
         precision: str = "fp32",
-        max_size: int | None = None,
+        max_size: int | None = DEFAULT_MAX_SIZE,
         max_patches: int | None = DEFAULT_MAX_PATCHES,
         max_objects: int = 1,
         min_score: float | None = None,
@@ -145,8 +153,9 @@ class Discoverer:
         check_object_options(max_objects, min_score, iou_threshold)
         if int(num_workers) < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        if max_size is not None and max_size < 1:
-            raise ValueError(f"max_size must be positive, got {max_size}")
+        if max_size is not None and max_size < 0:
+            raise ValueError(f"max_size must be positive (0: native size), got {max_size}")
+        max_size = max_size or None
         spec = backbone.spec if backbone is not None else spec_for(model)
         self.method = get_method(method or default_method(spec.family))
         self.params, feature = self.method.resolve(spec.family, method_params)

@@ -53,7 +53,8 @@ __all__ = [
 ]
 
 BOX_DEFAULTS: dict[str, Any] = {}
-"""Defaults of ``discover boxes`` that differ from the Discoverer's (none yet)."""
+"""Defaults of ``discover boxes`` that differ from the Discoverer's (none: the
+Discoverer's are the calibrated ones, input size included)."""
 EVAL_DEFAULTS: dict[str, Any] = {"max_size": None}
 """``discover eval`` keeps the benchmark protocol: images at their native size."""
 
@@ -117,16 +118,15 @@ METHOD_OPTIONS = ("k_patches", "gram_bias", "center", "tau")
 def command_options(opts: dict[str, Any]) -> dict[str, Any]:
     """The options of ``discover boxes`` / ``eval`` as the run functions take them: the
     method parameters (named options and ``--param KEY=VALUE``) checked against the
-    method and gathered in ``method_params``, ``--max-size 0`` meaning native size."""
+    method and gathered in ``method_params`` (``--max-size 0``, the native size, is kept
+    as 0: ``None`` would mean the command's default size)."""
     opts = dict(opts)
     named = {k: opts.pop(k, None) for k in METHOD_OPTIONS}
     if named["center"] is not None:
         named["center"] = "true" if named["center"] else "false"
     pairs = opts.pop("param", None) or []
     opts["method_params"] = method_params(opts.get("model"), opts.get("method"), named, pairs)
-    if opts.get("max_size") == 0:
-        opts["max_size"] = None  # native size, explicitly
-    return opts
+    return opts  # max_size 0 stays 0: the native size, explicitly (None: the default)
 
 
 def build_discoverer(options: Mapping[str, Any], defaults: Mapping[str, Any] | None = None):

@@ -30,9 +30,9 @@ from PIL import Image  # noqa: E402
 
 MODEL = "vit_small_patch14_reg4_dinov2"
 PATCH = 14
-METHOD_OPTS = {"center": True, "gram_bias": 0.0}
-"""LOST options of the box-mapping tests (the calibrated DINOv2 defaults when written)."""
-CLI_METHOD_OPTS = ["--center", "--gram-bias", "0"]
+METHOD_OPTS = {"method": "lost", "features": "keys", "center": True, "gram_bias": 0.0}
+"""LOST, pinned, for the box-mapping tests (the DINOv2 defaults when they were written)."""
+CLI_METHOD_OPTS = ["--method", "lost", "--features", "keys", "--center", "--gram-bias", "0"]
 RED = (220, 30, 30)
 
 

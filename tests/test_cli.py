@@ -305,6 +305,8 @@ def test_boxes_passes_every_option_on(tmp_path, run_cli, fast_models, checkpoint
         MODEL,
         "--checkpoint",
         checkpoint,
+        "--method",
+        "lost",
         "--features",
         "queries",
         "--k-patches",

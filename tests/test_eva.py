@@ -530,7 +530,7 @@ def test_cli_boxes_with_a_dinov3_checkpoint(full_models, tmp_path, run_cli, one_
         out = tmp_path / f"{ckpt.stem}.jsonl"
         code, _, err = run_cli(
             "boxes", imgs, "--model", f"{DINOV3}.lvd1689m", "--checkpoint", ckpt,
-            "--device", "cpu", "--out", out, *extra,
+            "--device", "cpu", "--out", out, "--method", "lost", "--center", *extra,
         )  # fmt: skip
         assert code == 0, err
         records = read_jsonl(out)
@@ -544,7 +544,8 @@ def test_cli_boxes_with_a_dinov3_checkpoint(full_models, tmp_path, run_cli, one_
     # The same weights in both layouts give the same boxes with the same features.
     code, _, err = run_cli(
         "boxes", imgs, "--model", DINOV3, "--checkpoint", timm_ckpt, "--device", "cpu",
-        "--out", tmp_path / "again.jsonl", "--features", "keys_rope",
+        "--out", tmp_path / "again.jsonl", "--features", "keys_rope", "--method", "lost",
+        "--center",
     )  # fmt: skip
     assert code == 0, err
     assert read_jsonl(tmp_path / "again.jsonl") == read_jsonl(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import MODEL
+from conftest import CLI_METHOD_OPTS, MODEL
 from fixtures_voc import write_voc_tree
 
 from discover.corloc import is_correct
@@ -54,6 +54,7 @@ def eval_args(voc: dict, out: Path, checkpoint: str, *extra: str) -> list:
         MODEL,
         "--checkpoint",
         checkpoint,
+        *CLI_METHOD_OPTS,
         *extra,
     ]
 
@@ -95,6 +96,7 @@ def test_eval_script_end_to_end(voc, checkpoint, tmp_path, full_run):
     assert summary["split_size"] == len(voc["ids"]) == summary["evaluated"]
     assert summary["settings"]["checkpoint"] == checkpoint
     assert summary["settings"]["method"] == "lost" and summary["settings"]["limit"] is None
+    assert summary["settings"]["max_size"] is None  # eval: the native size (the protocol)
     assert summary["time_s"] > 0 and summary["images_per_s"] > 0
     assert [f[0] for f in summary["failures"]] == voc["malformed"]
     check_corloc(summary, records, voc)

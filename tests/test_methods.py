@@ -135,12 +135,15 @@ def test_registry_refuses_a_second_method_of_the_same_name(corner_method):
 
 
 def test_defaults_apply_key_by_key():
+    found = get_method("found")
+    params, feature = found.resolve("dinov2", {"center": True})
+    assert (params.bkg_th, params.center) == (0.5, True)  # the calibrated threshold stays
+    assert feature == {"features": "queries"}
+    params, _ = found.resolve("dinov2", {"bkg_th": 0.2, "center": None})
+    assert (params.bkg_th, params.center) == (0.2, False)  # explicit wins; None = default
     lost = get_method("lost")
-    params, feature = lost.resolve("dinov2", {"gram_bias": "p10"})
-    assert (params.gram_bias, params.center) == ("p10", True)  # centring stays on
-    params, _ = lost.resolve("dinov2", {"center": False, "gram_bias": None})
-    assert (params.gram_bias, params.center) == (0.0, False)  # explicit wins; None = default
-    params, _ = lost.resolve("dino", {"gram_bias": "auto"})
+    assert lost.resolve("dinov2", {})[1] == {"features": "tokens"}
+    params, feature = lost.resolve("dino", {"gram_bias": "auto"})
     assert params == lost.params()  # the reference, where nothing is calibrated
     assert feature == {}
 

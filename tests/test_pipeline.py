@@ -105,7 +105,7 @@ def test_discover_function_one_shot(fast_models, checkpoint, scene_files):
     assert [d.box for d in dets] == [rect]
     assert fast_models[-1]["checkpoint"] == checkpoint
     arr = np.asarray(Image.open(path).convert("RGB"))
-    same = discover.discover(arr, model=MODEL, method="lost", checkpoint=checkpoint, **METHOD_OPTS)
+    same = discover.discover(arr, model=MODEL, checkpoint=checkpoint, **METHOD_OPTS)
     assert [d.box for d in same] == [rect]
     with pytest.raises(ImageError, match="file not found"):
         discover.discover(path.parent / "nope.png", model=MODEL, checkpoint=checkpoint)
@@ -272,11 +272,14 @@ def test_image_smaller_than_one_patch(discoverer, tmp_path, size):
 
 def test_a_patch_exactly_is_enough(backbone):
     img = scene(14, 14, (0, 0, 7, 7), colour=RED)
-    res = Discoverer(backbone=backbone, center=False).process(img)
+    res = Discoverer(backbone=backbone, method="lost", center=False).process(img)
     assert res.ok and res.grid == (1, 1) and res.boxes == [(0, 0, 14, 14)]
     # centred, a lone patch has a zero feature: a clean "nothing found" record
-    res = Discoverer(backbone=backbone, center=True).process(img)
+    res = Discoverer(backbone=backbone, method="lost", center=True).process(img)
     assert res.error.startswith("no object found")
+    # TokenCut (the DINOv2 default) needs three patches for a cut: a record that says so
+    res = Discoverer(backbone=backbone).process(img)
+    assert res.error.startswith("no object found") and "at least 3 patches" in res.error
 
 
 def test_keep_images_attaches_the_network_input(small_backbone):
@@ -292,9 +295,11 @@ def test_bad_options_fail_at_construction(backbone):
     with pytest.raises(ValueError, match="unknown method"):
         Discoverer(backbone=backbone, method="nope")
     with pytest.raises(ValueError, match="invalid options for lost.*k_patch"):
-        Discoverer(backbone=backbone, k_patch=10)  # misspelt: not silently per image
+        Discoverer(backbone=backbone, method="lost", k_patch=10)  # misspelt: not silently
+    with pytest.raises(ValueError, match="invalid options for tokencut.*k_patches"):
+        Discoverer(backbone=backbone, k_patches=10)  # the default method has no such option
     with pytest.raises(ValueError, match="k_patches must be >= 1"):
-        Discoverer(backbone=backbone, k_patches=0)
+        Discoverer(backbone=backbone, method="lost", k_patches=0)
     with pytest.raises(ValueError, match="iou_threshold"):
         Discoverer(backbone=backbone, iou_threshold=2.0)
     with pytest.raises(ValueError, match="batch_size"):

@@ -39,7 +39,6 @@ from typing import Any, Protocol
 import torch
 
 __all__ = [
-    "CENTRED_LIKE_DINOV2",
     "DEFAULT_METHODS",
     "FEATURE_SETTINGS",
     "INPUTS",
@@ -53,6 +52,7 @@ __all__ = [
     "check_inputs",
     "default_method",
     "get_method",
+    "measured_on_dinov2",
     "method_names",
     "register",
     "unregister",
@@ -72,14 +72,13 @@ INPUTS: dict[str, str] = {
 FEATURE_SETTINGS = ("features", "layer")
 """Keys of a family's defaults that choose the backbone's features, not a parameter."""
 
-CENTRED_LIKE_DINOV2: dict[str, dict[str, Any]] = {
-    "dinov2": {"center": True},
-    "dinov3": {"center": True},
-}
-"""Centring for the DINOv2 family, whose last-layer keys are all alike (every dot product
-positive, every cosine above TokenCut's tau): subtracting the image's mean feature
-restores a signed graph. DINOv3 is carried over, not measured (no hub weights here):
-same training family (DINO + iBOT losses), so the same keys are expected."""
+
+def measured_on_dinov2(**settings: Any) -> dict[str, dict[str, Any]]:
+    """A method's defaults for the DINOv2 family as chosen on the development benchmark
+    (README, "Calibration": offline DINOv2 ViT-S/14, the tune split, the one-standard-
+    error rule), carried over to DINOv3, which was not measured (no hub weights here; the
+    same training family, DINO + iBOT losses)."""
+    return {"dinov2": dict(settings), "dinov3": dict(settings)}
 
 
 class EmptyGraphError(ValueError):
@@ -231,7 +230,7 @@ class Method:
         fn: the pure function (see the module docstring).
         params: its :class:`Params` dataclass.
         needs: inputs from :data:`INPUTS` the function takes besides the features.
-        defaults: calibrated defaults per model family (``{"dinov2": {"center": True}}``),
+        defaults: calibrated defaults per model family (``{"dinov2": {"features": "queries"}}``),
             applied key by key; besides parameters they may set :data:`FEATURE_SETTINGS`
             (the feature kind and block the backbone returns for this method).
         summary: one line for listings.
@@ -321,8 +320,10 @@ def method_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-DEFAULT_METHODS: dict[str, str] = {}
-"""The default method per model family, where calibration chose one (else LOST)."""
+DEFAULT_METHODS: dict[str, str] = {"dinov2": "tokencut", "dinov3": "tokencut"}
+"""The default method per model family, where calibration chose one (README,
+"Calibration": measured on DINOv2, carried over to DINOv3); else LOST, as the LOST paper
+ran DINO."""
 
 
 def default_method(family: str) -> str:

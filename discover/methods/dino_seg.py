@@ -170,7 +170,7 @@ base.register(
         _dino_seg_method,
         DinoSegParams,
         needs=frozenset({"cls_attention"}),
-        defaults={"dino": {"head": 4}},
+        defaults={"dino": {"head": 4}, **base.measured_on_dinov2(head=1)},
         summary="DINO-seg: biggest blob of one head's [CLS] attention (LOST's baseline)",
     )
 )

@@ -178,6 +178,7 @@ base.register(
         found,
         FoundParams,
         needs=frozenset({"cls_attention"}),
+        defaults=base.measured_on_dinov2(features="queries", bkg_th=0.5),
         summary="FOUND background seed, training-free (Simeoni et al., CVPR 2023)",
     )
 )

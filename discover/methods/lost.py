@@ -325,7 +325,7 @@ base.register(
         "lost",
         lost,
         LostParams,
-        defaults=base.CENTRED_LIKE_DINOV2,
+        defaults=base.measured_on_dinov2(features="tokens"),
         summary="LOST seed expansion (Simeoni et al., BMVC 2021)",
     )
 )

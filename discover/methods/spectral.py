@@ -135,6 +135,7 @@ base.register(
         "spectral",
         spectral,
         SpectralParams,
+        defaults=base.measured_on_dinov2(features="queries"),
         summary="Deep spectral methods: Fiedler vector of the affinity (Melas-Kyriazi, CVPR 2022)",
     )
 )

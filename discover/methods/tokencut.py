@@ -241,8 +241,9 @@ def tokencut(
             never part of the mask, and the connected component cannot cross them.
         solver: eigensolver, see :func:`second_eigenpair`.
         center: subtract the mean feature of the patches in the graph before the cosine
-            similarities (not in the reference; the calibrated default for DINOv2, whose
-            keys are all mutually similar above ``tau`` otherwise).
+            similarities (not in the reference; it restores a signed graph on DINOv2's
+            keys, all mutually similar above ``tau`` otherwise, but the calibrated DINOv2
+            default is uncentred queries).
 
     Returns:
         A :class:`TokenCutResult`.
@@ -328,7 +329,7 @@ base.register(
         "tokencut",
         tokencut,
         TokenCutParams,
-        defaults=base.CENTRED_LIKE_DINOV2,
+        defaults=base.measured_on_dinov2(features="queries"),
         summary="TokenCut normalized cut (Wang et al., CVPR 2022)",
     )
 )
