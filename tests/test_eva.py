@@ -551,6 +551,17 @@ def test_cli_boxes_with_a_dinov3_checkpoint(full_models, tmp_path, run_cli, one_
     assert read_jsonl(tmp_path / "again.jsonl") == read_jsonl(
         tmp_path / f"{release_ckpt.stem}.jsonl"
     )
+    # The defaults (TokenCut on queries): random weights give a graph without a cut, and
+    # the run says so per image instead of boxing at random; it still completes.
+    code, _, err = run_cli(
+        "boxes", imgs, "--model", DINOV3, "--checkpoint", timm_ckpt, "--device", "cpu",
+        "--out", tmp_path / "defaults.jsonl",
+    )  # fmt: skip
+    assert code == 0, err
+    records = read_jsonl(tmp_path / "defaults.jsonl")
+    assert len(records) == 2
+    for r in records:
+        assert r["boxes"] or "no cut structure" in r["error"], r
 
 
 def test_cli_rope_features_on_a_vit_is_one_line(run_cli, fast_models, checkpoint, tmp_path):
