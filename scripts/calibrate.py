@@ -152,10 +152,11 @@ def cmd_report(args: argparse.Namespace, backbone: Backbone) -> None:
                 rows.append(dataclasses.replace(row, label=title))
             parts.append(f"\n**{split}** ({len(samples)} images):\n\n" + cal.markdown_table(rows))
     if choices.get("sweep"):
-        sweep = Path(choices["sweep"])
-        parts.append(_sweep_excerpt(sweep))
+        sweep = Path(choices["sweep"]).with_suffix(".csv")
+        swept = cal.read_csv(sweep)
+        parts.append(_sweep_excerpt(swept, sweep.name))
         what = f"The rule applied to the {sweep.stem} rows, overall and per method:"
-        parts.append(_choices_table(cal.read_csv(sweep.with_suffix(".csv")), what))
+        parts.append(_choices_table(swept, what))
     if choices.get("sizes"):
         mine = [r for n, r in zip(names, tune_rows, strict=True) if n in choices["sizes"]]
         best, row = max(mine, key=lambda r: r.corloc.value), cal.best_by_rule(mine)
@@ -198,22 +199,19 @@ def cmd_report(args: argparse.Namespace, backbone: Backbone) -> None:
     print(section)
 
 
-def _sweep_excerpt(table: Path) -> str:
-    """The best row per (method, feature kind) of a sweep's markdown table (sorted by
-    CorLoc), and the baselines, as a smaller table."""
-    lines = table.read_text(encoding="utf-8").splitlines()
-    head, rows = lines[:2], [ln for ln in lines[2:] if ln.startswith("|")]
+def _sweep_excerpt(rows: list, name: str) -> str:
+    """The best row per (method, feature kind) of a sweep's rows (sorted by CorLoc), and
+    the baselines, as a smaller table."""
     seen: set[tuple[str, ...]] = set()
     kept = []
-    for ln in rows:
-        words = ln.strip("| ").split(" | ")[0].split()
-        group = tuple(words[:2]) if len(words) > 2 else tuple(words)
+    for r in rows:
+        group = (r.setting.method, r.setting.features) if r.setting else (r.label,)
         if group not in seen:
             seen.add(group)
-            kept.append(ln)
+            kept.append(r)
     return (
-        f"\nThe sweep on tune ({len(rows)} rows of `{table.name}`): the best setting per method"
-        " and feature kind, best first.\n\n" + "\n".join(head + kept) + "\n"
+        f"\nThe sweep on tune ({len(rows)} rows of `{name}`): the best setting per method and"
+        " feature kind, best first.\n\n" + cal.markdown_table(kept)
     )
 
 
