@@ -77,21 +77,23 @@ def _draw_boxes(
     scores: Sequence[float | None],
     fx: float,
     fy: float,
+    colour: tuple[int, int, int] | None = None,
 ) -> None:
+    """Draw ``boxes`` (scaled by ``fx``, ``fy``) in ``colour``, else one colour each."""
     H, W = out.shape[:2]
     thick = max(2, round(max(H, W) / 300))
     for i, (box, score) in enumerate(zip(boxes, scores, strict=True)):
-        colour = _COLOURS[i % len(_COLOURS)]
+        colour_i = colour or _COLOURS[i % len(_COLOURS)]
         x0, y0 = int(round(box[0] * fx)), int(round(box[1] * fy))
         x1, y1 = int(round(box[2] * fx)), int(round(box[3] * fy))
-        cv2.rectangle(out, (x0, y0), (max(x0, x1 - 1), max(y0, y1 - 1)), colour, thick)
+        cv2.rectangle(out, (x0, y0), (max(x0, x1 - 1), max(y0, y1 - 1)), colour_i, thick)
         if score is None or not np.isfinite(score):
             continue
         label = f"{score:.2f}"
         scale = max(0.4, max(H, W) / 900)
         (tw, th), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
         ty = max(th + 2, y0)
-        cv2.rectangle(out, (x0, ty - th - 4), (x0 + tw + 4, ty), colour, -1)
+        cv2.rectangle(out, (x0, ty - th - 4), (x0 + tw + 4, ty), colour_i, -1)
         cv2.putText(out, label, (x0 + 2, ty - 3), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1)
 
 
@@ -399,11 +401,10 @@ def gallery(items: Sequence[GalleryItem], *, columns: int = 4, tile: int = 320) 
         f = tile / max(h, w)
         size = (max(1, round(w * f)), max(1, round(h * f)))
         small = cv2.resize(np.ascontiguousarray(item.image), size, interpolation=cv2.INTER_AREA)
-        thick = 2
-        for box in item.truth:
-            _rectangle(small, box, f, GROUND_TRUTH_COLOUR, thick)
+        truth = list(item.truth)
+        _draw_boxes(small, truth, [None] * len(truth), f, f, GROUND_TRUTH_COLOUR)
         if item.predicted is not None:
-            _rectangle(small, item.predicted, f, PREDICTION_COLOUR, thick)
+            _draw_boxes(small, [item.predicted], [None], f, f, PREDICTION_COLOUR)
         if item.caption:
             cv2.rectangle(small, (0, size[1] - 18), (size[0], size[1]), (0, 0, 0), -1)
             cv2.putText(small, item.caption, (4, size[1] - 5), cv2.FONT_HERSHEY_SIMPLEX, 0.42,
@@ -411,8 +412,3 @@ def gallery(items: Sequence[GalleryItem], *, columns: int = 4, tile: int = 320) 
         r, c = divmod(i, columns)
         sheet[r * tile : r * tile + size[1], c * tile : c * tile + size[0]] = small
     return sheet
-
-
-def _rectangle(out: np.ndarray, box: Sequence[float], f: float, colour, thick: int) -> None:
-    x0, y0, x1, y1 = (int(round(v * f)) for v in box)
-    cv2.rectangle(out, (x0, y0), (max(x0, x1 - 1), max(y0, y1 - 1)), colour, thick)

@@ -32,6 +32,7 @@ from discover import calibration as cal
 from discover import viz
 from discover.backbone import Backbone
 from discover.datasets import load_dataset
+from discover.images import read_image
 from discover.models import OFFLINE_MODEL
 from discover.stats import paired_bootstrap
 from discover.weights import cache_dir
@@ -221,7 +222,7 @@ def _write_gallery(ev: cal.Evaluated, samples: list, spec: dict) -> str:
     items = []
     for i in misses[: int(spec.get("count", 8))]:
         s = samples[i]
-        rgb = np.asarray(Image.open(s.path).convert("RGB"))
+        rgb = read_image(s.path).array  # upright, as the boxes were drawn
         caption = f"{s.image_id}: IoU {ev.ious[i]:.2f}"
         items.append(viz.GalleryItem(rgb, s.boxes.tolist(), ev.boxes[i], caption))
     sheet = viz.gallery(items, columns=int(spec.get("columns", 4)), tile=int(spec.get("tile", 300)))
